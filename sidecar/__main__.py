@@ -1,0 +1,5 @@
+"""``python -m sidecar``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Changed paths waiting for one target: merged into one set, bounded in size.
+
+The watcher hands every batch to each target's :class:`Pending`. While a target is slow or down its
+batches keep merging (a path changed ten times is one entry). Past ``limit`` entries the set is dropped
+and replaced by "full sync needed", so memory stays bounded however long the outage lasts.
+Not thread-safe by itself: the worker guards it with its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["ADDED", "DELETED", "MODIFIED", "Pending", "Snapshot"]
+
+# Bit flags per path. They only hint (watchfiles labels renames by alternation and can mislabel a
+# move into the tree as a delete); what is on disk when the batch is planned decides.
+ADDED = 1
+MODIFIED = 2
+DELETED = 4
+
+
+@dataclass
+class Snapshot:
+    """What one sync attempt took out of :class:`Pending`."""
+
+    changes: dict[str, int] = field(default_factory=dict)
+    full: bool = False
+    full_reason: str = ""
+    seen_at: float | None = None  # monotonic time the oldest change in it was seen
+
+    def __bool__(self) -> bool:
+        return self.full or bool(self.changes)
+
+
+class Pending:
+    """Merged set of changed paths (relative to the source) plus a "full sync needed" flag.
+
+    Example:
+        >>> p = Pending(limit=2)
+        >>> p.merge({"a": ADDED}, seen_at=1.0); p.merge({"a": MODIFIED, "b": ADDED}, seen_at=2.0)
+        >>> sorted(p.take().changes.items())
+        [('a', 3), ('b', 1)]
+        >>> p.merge({"c": ADDED, "d": ADDED, "e": ADDED}, seen_at=3.0); p.take().full
+        True
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._changes: dict[str, int] = {}
+        self._full = False
+        self._full_reason = ""
+        self._seen_at: float | None = None
+        self.overflows = 0
+
+    def __len__(self) -> int:
+        return len(self._changes)
+
+    @property
+    def full_needed(self) -> bool:
+        return self._full
+
+    def __bool__(self) -> bool:
+        return self._full or bool(self._changes)
+
+    def _note_seen(self, seen_at: float | None) -> None:
+        if seen_at is not None and (self._seen_at is None or seen_at < self._seen_at):
+            self._seen_at = seen_at
+
+    def merge(self, changes: Mapping[str, int], seen_at: float | None) -> None:
+        """Add a batch; falls back to "full sync needed" once more than ``limit`` paths wait."""
+        self._note_seen(seen_at)
+        if self._full:
+            return  # a full sync covers every path; keep no per-path state
+        for path, flags in changes.items():
+            self._changes[path] = self._changes.get(path, 0) | flags
+        if len(self._changes) > self.limit:
+            self.overflows += 1
+            self.request_full(f"more than {self.limit} changed paths waiting (SYNC_MAX_PENDING)")
+
+    def request_full(self, reason: str) -> None:
+        """Ask for a full sync; per-path entries are dropped (the full sync covers them)."""
+        if not self._full:
+            self._full_reason = reason
+        self._full = True
+        self._changes = {}
+
+    def take(self) -> Snapshot:
+        """Everything pending, leaving the set empty."""
+        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at)
+        self._changes, self._full, self._full_reason, self._seen_at = {}, False, "", None
+        return snap
+
+    def restore(self, snap: Snapshot) -> None:
+        """Put back what a failed attempt took; newer changes merged meanwhile are kept."""
+        if snap.full:
+            self.request_full(snap.full_reason)
+        self.merge(snap.changes, snap.seen_at)

@@ -1,0 +1,140 @@
+"""Command line: ``python -m sidecar [run|once|check|config] [--flag value ...]``.
+
+Every setting is a flag too (``SYNC_QUIET_MS`` <-> ``--quiet-ms``); a flag wins over the environment.
+
+Exit codes: 0 success; 1 a sync or check failed (``once``, ``check``) or watching became impossible;
+2 invalid configuration (one line says which setting and what it must be); 3 this machine lacks
+rsync or ssh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+
+from . import __version__, logs
+from .config import (
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    ConfigError,
+    check_known_hosts,
+    check_source,
+    check_ssh_key,
+    env_example,
+    http_addr_from_env,
+    load,
+    markdown_table,
+)
+
+__all__ = ["EXIT_CONFIG", "EXIT_ENVIRONMENT", "EXIT_FAILED", "cli", "main"]
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_ENVIRONMENT = 3
+
+COMMANDS = {
+    "run": "watch and replicate (SYNC_MODE decides how); the default",
+    "once": "one full sync to every target, then exit with its status",
+    "check": "check the config, the source, the key and every target (connect, write a probe); exit 0/1",
+    "config": "print the settings table (--markdown) or .env.example (--env-example)",
+    "health": "ask a running daemon's /healthz (or /readyz with --ready); exit 0 if it answers 200 (HEALTHCHECK)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar",
+        description="upsync: replicate a directory to ssh targets as it changes (watchfiles + rsync).",
+        epilog="commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
+    )
+    parser.add_argument("command", nargs="?", default="run", choices=list(COMMANDS), help="what to do (default run)")
+    parser.add_argument("--version", action="version", version=f"upsync {__version__}")
+    parser.add_argument("--markdown", action="store_true", help="config: print the README settings table")
+    parser.add_argument("--env-example", action="store_true", help="config: print .env.example")
+    parser.add_argument("--ready", action="store_true", help="health: ask /readyz instead of /healthz")
+    group = parser.add_argument_group("settings (each also an environment variable)")
+    for s in SETTINGS:
+        group.add_argument(s.flag, dest=s.name, metavar="VALUE", default=None, help=f"{s.name}")
+    return parser
+
+
+def _health(overrides: dict[str, str], path: str) -> int:
+    """Exit 0 if the daemon's endpoint answers 200: the image's HEALTHCHECK, with no curl needed."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        addr = SETTINGS_BY_NAME["SYNC_HTTP_ADDR"].parse(overrides.get("SYNC_HTTP_ADDR", http_addr_from_env()))
+    except ValueError as exc:
+        return _fail(EXIT_CONFIG, f"invalid SYNC_HTTP_ADDR: must be {exc}")
+    if addr is None:
+        return _fail(EXIT_CONFIG, "SYNC_HTTP_ADDR is empty: the health endpoint is disabled")
+    host = "127.0.0.1" if addr[0] in ("0.0.0.0", "::", "") else addr[0]
+    url = f"http://{host if ':' not in host else '[' + host + ']'}:{addr[1]}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return 0 if resp.status == 200 else EXIT_FAILED
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode("utf-8", "replace").strip(), file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        return _fail(EXIT_FAILED, f"{url}: {exc}")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"upsync: {message}", file=sys.stderr)
+    return code
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (tests call this directly).
+
+    Example:
+        >>> cli(["config", "--markdown"]) == 0  # doctest: +ELLIPSIS
+        | Variable | ...
+        True
+    """
+    args = _parser().parse_args(argv)
+    if args.command == "config":
+        sys.stdout.write(env_example() if args.env_example else markdown_table())
+        return 0
+    overrides = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
+    if args.command == "health":
+        return _health(overrides, "/readyz" if args.ready else "/healthz")
+    if args.command == "once":
+        overrides["SYNC_MODE"] = "once"
+    try:
+        cfg, warnings = load(overrides)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    logs.setup(cfg.log_format, cfg.log_level)
+    log = logs.get("cli")
+    for warning in warnings:
+        log.warning(warning)
+    for program, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
+        if shutil.which(program) is None:
+            return _fail(EXIT_ENVIRONMENT, f"{program} is not installed or not on PATH (install the {package} package)")
+    if args.command == "check":
+        from .check import run_checks
+
+        return run_checks(cfg)
+    try:
+        check_source(cfg)
+        check_ssh_key(cfg)
+        check_known_hosts(cfg)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    from .daemon import Daemon
+
+    try:
+        daemon = Daemon(cfg)
+    except OSError as exc:
+        return _fail(EXIT_ENVIRONMENT, f"cannot set up the runtime directory: {exc} (check SYNC_RUNTIME_DIR)")
+    return daemon.run()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(cli())

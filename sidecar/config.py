@@ -1,0 +1,618 @@
+"""The one table of settings, and the only module that reads the environment.
+
+Every setting is an environment variable prefixed ``SYNC_`` and the matching command-line flag
+(``SYNC_QUIET_MS`` <-> ``--quiet-ms``). Values are taken, first match wins, from: the flag, the real
+environment, the ``.env`` file (``SYNC_ENV_FILE``, read with python-dotenv), the default.
+
+An invalid value raises :class:`ConfigError` with one line of the form
+``invalid SYNC_X="value": must be ...``; the CLI turns it into exit code 2.
+The README table and ``.env.example`` are generated from :data:`SETTINGS` (``python -m sidecar config``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from .targets import Target, TargetError, parse_targets
+
+__all__ = [
+    "SETTINGS",
+    "SETTINGS_BY_NAME",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "check_known_hosts",
+    "check_source",
+    "check_ssh_key",
+    "env_example",
+    "http_addr_from_env",
+    "load",
+    "markdown_table",
+]
+
+PREFIX = "SYNC_"
+# Read by the image's entrypoint (inline secrets written to private files), not by Python.
+ENTRYPOINT_ONLY = {
+    "SYNC_SSH_KEY": "private key text; the image's entrypoint writes it to a private file",
+    "SYNC_SSH_KNOWN_HOSTS": "known_hosts text; the image's entrypoint writes it to a private file",
+}
+
+
+class ConfigError(Exception):
+    """A setting the daemon cannot start with. ``str()`` is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table.
+
+    Args:
+        name: the environment variable (``SYNC_...``).
+        default: the default, as it would be written in the environment (``None``: required).
+        form: what a valid value looks like; completes "must be ...".
+        parse: turns the text into the typed value; raises ``ValueError`` when the text is invalid.
+        help: one sentence for the README table and ``.env.example``.
+        group: heading in the generated docs.
+    """
+
+    name: str
+    default: str | None
+    form: str
+    parse: Callable[[str], Any]
+    help: str
+    group: str
+
+    @property
+    def attr(self) -> str:
+        return self.name[len(PREFIX) :].lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.attr.replace("_", "-")
+
+
+def _int(lo: int, hi: int, unit: str = "") -> tuple[str, Callable[[str], int]]:
+    form = f"a whole number from {lo} to {hi}" + (f" ({unit})" if unit else "")
+
+    def parse(text: str) -> int:
+        text = text.strip()
+        if not re.fullmatch(r"[0-9]+", text) or not lo <= int(text) <= hi:
+            raise ValueError(f"must be {form}")
+        return int(text)
+
+    return form, parse
+
+
+def _choice(*choices: str) -> tuple[str, Callable[[str], str]]:
+    form = "one of " + ", ".join(choices)
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be {form}")
+        return value
+
+    return form, parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool() -> tuple[str, Callable[[str], bool]]:
+    form = "true or false"
+
+    def parse(text: str) -> bool:
+        value = text.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ValueError(f"must be {form}")
+
+    return form, parse
+
+
+def _path(optional: bool = False) -> tuple[str, Callable[[str], Path | None]]:
+    form = "a file system path" + (" or empty" if optional else "")
+
+    def parse(text: str) -> Path | None:
+        text = text.strip()
+        if not text:
+            if optional:
+                return None
+            raise ValueError(f"must be {form}")
+        if "\0" in text:
+            raise ValueError(f"must be {form}")
+        return Path(os.path.expanduser(text))
+
+    return form, parse
+
+
+def _targets() -> tuple[str, Callable[[str], tuple[Target, ...]]]:
+    form = "a comma-separated list of ssh://user@host[:port]/abs/path (or user@host:/abs/path, dns+ssh://...)"
+
+    def parse(text: str) -> tuple[Target, ...]:
+        try:
+            return parse_targets(text)
+        except TargetError as exc:
+            raise ValueError(str(exc)) from None
+
+    return form, parse
+
+
+def _http_addr() -> tuple[str, Callable[[str], tuple[str, int] | None]]:
+    form = "host:port (e.g. 127.0.0.1:9110), :port for all interfaces, or empty to disable"
+
+    def parse(text: str) -> tuple[str, int] | None:
+        text = text.strip()
+        if not text:
+            return None
+        host, colon, port = text.rpartition(":")
+        if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"must be {form}")
+        host = host.strip("[]") or "0.0.0.0"
+        return host, int(port)
+
+    return form, parse
+
+
+_CHMOD_ITEM = re.compile(r"^[DF]?(?:[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*)$")
+
+
+def _chmod() -> tuple[str, Callable[[str], str]]:
+    form = 'rsync --chmod rules like "D755,F644" or "Du=rwx,go=rx", or empty to keep the source\'s modes'
+
+    def parse(text: str) -> str:
+        text = text.strip().replace(" ", "")
+        if text and not all(_CHMOD_ITEM.match(item) for item in text.split(",")):
+            raise ValueError(f"must be {form}")
+        return text
+
+    return form, parse
+
+
+def _patterns() -> tuple[str, Callable[[str], tuple[str, ...]]]:
+    form = "a comma-separated list of rsync exclude patterns (e.g. *.tmp,/cache/), or empty"
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in text.split(",") if item.strip())
+        if any("\n" in item or "\0" in item for item in items):
+            raise ValueError(f"must be {form}")
+        return items
+
+    return form, parse
+
+
+def _row(name: str, default: str | None, kind: tuple[str, Callable[[str], Any]], help_: str, group: str) -> Setting:
+    return Setting(name, default, kind[0], kind[1], help_, group)
+
+
+_G_WHAT = "What and where"
+_G_BATCH = "Batching and reconcile"
+_G_DELETE = "Deletes"
+_G_XFER = "Transfer"
+_G_SSH = "SSH"
+_G_RUN = "Running"
+
+SETTINGS: tuple[Setting, ...] = (
+    _row("SYNC_SOURCE", None, _path(), "Directory to replicate (the uploads volume). Required.", _G_WHAT),
+    _row(
+        "SYNC_TARGETS",
+        None,
+        _targets(),
+        "Where to replicate: comma-separated `ssh://user@host[:port]/abs/path`, `user@host:/abs/path`, or "
+        "`dns+ssh://user@name[:port]/abs/path` (every address the name resolves to). Required.",
+        _G_WHAT,
+    ),
+    _row(
+        "SYNC_MODE",
+        "watch",
+        _choice("watch", "interval", "once"),
+        "`watch`: replicate each change as it happens, plus a full reconcile every "
+        "`SYNC_FULL_SYNC_INTERVAL`; `interval`: no watcher, a full sync every interval; "
+        "`once`: one full sync, exit with its status.",
+        _G_WHAT,
+    ),
+    _row(
+        "SYNC_ENV_FILE",
+        ".env",
+        _path(optional=True),
+        "File of `SYNC_*=value` lines read at start (the real environment wins); a missing default "
+        "file is ignored, a missing named file is an error.",
+        _G_WHAT,
+    ),
+    _row(
+        "SYNC_QUIET_MS",
+        "20",
+        _int(1, 10000, "milliseconds"),
+        "Hand a batch over once the tree has been quiet this long.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_MAX_DELAY_MS",
+        "500",
+        _int(1, 60000, "milliseconds"),
+        "Never hold a batch longer than this while changes keep coming.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_FULL_SYNC_INTERVAL",
+        "3600",
+        _int(0, 31536000, "seconds"),
+        "Full reconcile every this many seconds (catches events the kernel dropped); 0 turns the "
+        "periodic reconcile off in watch mode.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_MAX_PENDING",
+        "20000",
+        _int(100, 10000000, "paths"),
+        "Changed paths a target may have waiting (target down); past this the target falls back to "
+        "one full sync, so memory stays bounded.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_WRITE_WAIT_S",
+        "300",
+        _int(0, 86400, "seconds"),
+        "A file still open for writing is held back until it is closed, at most this long.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_EXCLUDE",
+        "",
+        _patterns(),
+        "rsync exclude patterns, comma-separated; excluded paths are neither sent nor deleted.",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_WATCH_BACKEND",
+        "auto",
+        _choice("auto", "inotify", "poll"),
+        "`auto`: inotify, falling back to polling (with a warning) when the watch limit is reached; "
+        "`inotify`: stop with an error instead; `poll`: always poll (network file systems).",
+        _G_BATCH,
+    ),
+    _row(
+        "SYNC_POLL_INTERVAL_MS",
+        "1000",
+        _int(50, 600000, "milliseconds"),
+        "Scan interval of the polling backend.",
+        _G_BATCH,
+    ),
+    _row("SYNC_DELETE", "true", _bool(), "Propagate deletes to the targets.", _G_DELETE),
+    _row(
+        "SYNC_MAX_DELETE",
+        "1000",
+        _int(1, 100000000, "paths"),
+        "Refuse any one sync that would delete more than this many paths on a target (the delete "
+        "guard: logged, /readyz turns 503, nothing is deleted).",
+        _G_DELETE,
+    ),
+    _row(
+        "SYNC_CHMOD",
+        "D755,F644",
+        _chmod(),
+        "Modes given to files and directories on the target (rsync `--chmod`); empty keeps the source's modes.",
+        _G_XFER,
+    ),
+    _row(
+        "SYNC_IO_TIMEOUT_S",
+        "60",
+        _int(5, 3600, "seconds"),
+        "Abort a transfer that moves no data for this long (rsync `--timeout`).",
+        _G_XFER,
+    ),
+    _row(
+        "SYNC_RETRY_MAX_S",
+        "60",
+        _int(1, 3600, "seconds"),
+        "Cap of the exponential backoff (with jitter) between retries to a failing target.",
+        _G_XFER,
+    ),
+    _row(
+        "SYNC_SSH_KEY_FILE",
+        "/etc/upsync/ssh/id_ed25519",
+        _path(),
+        "Private key for the targets. A key others can read is used through a private 0600 copy, with a warning.",
+        _G_SSH,
+    ),
+    _row(
+        "SYNC_SSH_KNOWN_HOSTS_FILE",
+        "/etc/upsync/ssh/known_hosts",
+        _path(),
+        "Pinned host keys of the targets (known_hosts format).",
+        _G_SSH,
+    ),
+    _row(
+        "SYNC_SSH_HOST_KEY_POLICY",
+        "strict",
+        _choice("strict", "accept-new"),
+        "`strict`: only pinned host keys; `accept-new`: trust a host's first key and write it to "
+        "the known_hosts file (which must then be writable).",
+        _G_SSH,
+    ),
+    _row("SYNC_SSH_CONNECT_TIMEOUT_S", "10", _int(1, 600, "seconds"), "TCP connect and ssh handshake timeout.", _G_SSH),
+    _row(
+        "SYNC_RESOLVE_INTERVAL_S",
+        "30",
+        _int(1, 86400, "seconds"),
+        "How often `dns+ssh://` targets are resolved again (web nodes added or removed).",
+        _G_SSH,
+    ),
+    _row(
+        "SYNC_HTTP_ADDR",
+        "127.0.0.1:9110",
+        _http_addr(),
+        "Listen address of `/healthz`, `/readyz` and `/metrics`; empty disables.",
+        _G_RUN,
+    ),
+    _row("SYNC_LOG_FORMAT", "text", _choice("text", "json"), "One line per event, as text or JSON.", _G_RUN),
+    _row("SYNC_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Least severe level logged.", _G_RUN),
+    _row(
+        "SYNC_SHUTDOWN_GRACE_S",
+        "10",
+        _int(0, 3600, "seconds"),
+        "On SIGTERM/SIGINT, time allowed to flush pending changes to reachable targets.",
+        _G_RUN,
+    ),
+    _row(
+        "SYNC_RUNTIME_DIR",
+        "",
+        _path(optional=True),
+        "Where the private (0700) directory for ssh control sockets and key copies is made; empty: "
+        "the system temp directory. Must be writable (a tmpfs with a read-only root).",
+        _G_RUN,
+    ),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+SETTINGS_BY_NAME = _BY_NAME
+
+
+def http_addr_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``SYNC_HTTP_ADDR`` from the environment or its default (for ``health``, which needs nothing else)."""
+    env = os.environ if environ is None else environ
+    return env.get("SYNC_HTTP_ADDR", _BY_NAME["SYNC_HTTP_ADDR"].default or "")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; one attribute per row of :data:`SETTINGS` (``SYNC_QUIET_MS`` -> ``quiet_ms``)."""
+
+    source: Path
+    targets: tuple[Target, ...]
+    mode: str
+    env_file: Path | None
+    quiet_ms: int
+    max_delay_ms: int
+    full_sync_interval: int
+    max_pending: int
+    write_wait_s: int
+    exclude: tuple[str, ...]
+    watch_backend: str
+    poll_interval_ms: int
+    delete: bool
+    max_delete: int
+    chmod: str
+    io_timeout_s: int
+    retry_max_s: int
+    ssh_key_file: Path
+    ssh_known_hosts_file: Path
+    ssh_host_key_policy: str
+    ssh_connect_timeout_s: int
+    resolve_interval_s: int
+    http_addr: tuple[str, int] | None
+    log_format: str
+    log_level: str
+    shutdown_grace_s: int
+    runtime_dir: Path | None
+
+
+assert [f.name for f in fields(Config)] == [s.attr for s in SETTINGS], "Config must follow SETTINGS"
+
+
+def _show(value: str) -> str:
+    text = value if len(value) <= 200 else value[:200] + "..."
+    return '"' + text.replace("\n", "\\n") + '"'
+
+
+def _error(name: str, value: str | None, must: str) -> ConfigError:
+    """``invalid NAME="value": must ...``; ``must`` is the phrase after "must" (or a full "must ..." text)."""
+    shown = "" if value is None else "=" + _show(value)
+    tail = must if must.startswith("must ") else f"must be {must}"
+    return ConfigError(f"invalid {name}{shown}: {tail}")
+
+
+def _unknown_names(names: Iterator[str] | list[str]) -> list[str]:
+    known = list(_BY_NAME) + list(ENTRYPOINT_ONLY)
+    warnings = []
+    for name in sorted(set(names)):
+        if not name.startswith(PREFIX) or name in _BY_NAME or name in ENTRYPOINT_ONLY:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"unknown setting {name} is ignored{hint}")
+    return warnings
+
+
+def load(
+    overrides: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, list[str]]:
+    """Read and validate every setting.
+
+    Args:
+        overrides: values from command-line flags, keyed by variable name; they win over everything.
+        environ: the environment to read (default: ``os.environ``).
+
+    Returns:
+        The config and a list of warnings (unknown ``SYNC_*`` names with the closest known one).
+
+    Raises:
+        ConfigError: a value is missing or invalid, or the ``.env`` file named cannot be read.
+
+    Example:
+        >>> cfg, _ = load(environ={"SYNC_SOURCE": "/srv", "SYNC_TARGETS": "ssh://u@h/x", "SYNC_ENV_FILE": ""})
+        >>> cfg.quiet_ms, cfg.targets[0].name
+        (20, 'ssh://u@h:22/x')
+    """
+    env = dict(os.environ if environ is None else environ)
+    flags = dict(overrides or {})
+    env_file_text = flags.get("SYNC_ENV_FILE", env.get("SYNC_ENV_FILE"))
+    file_values: dict[str, str] = {}
+    env_file_setting = _BY_NAME["SYNC_ENV_FILE"]
+    env_path = env_file_setting.parse(env_file_text if env_file_text is not None else ".env")
+    if env_path is not None:
+        if env_path.is_file():
+            try:
+                file_values = {k: v or "" for k, v in dotenv_values(env_path).items()}
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _error("SYNC_ENV_FILE", str(env_path), f"a readable .env file ({exc})") from None
+        elif env_file_text is not None and env_file_text.strip():
+            raise _error("SYNC_ENV_FILE", env_file_text, "an existing file, or empty to read none")
+
+    warnings = _unknown_names(list(env) + list(file_values))
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.name in flags:
+            text: str | None = flags[setting.name]
+        elif setting.name in env:
+            text = env[setting.name]
+        elif setting.name in file_values:
+            text = file_values[setting.name]
+        else:
+            text = setting.default
+        if text is None or (setting.default is None and not text.strip()):
+            raise _error(setting.name, None, f"set: {setting.form}")
+        try:
+            values[setting.attr] = setting.parse(text)
+        except ValueError as exc:
+            raise _error(setting.name, text, str(exc)) from None
+    cfg = Config(**values)
+    if cfg.max_delay_ms < cfg.quiet_ms:
+        raise _error("SYNC_MAX_DELAY_MS", str(cfg.max_delay_ms), f"at least SYNC_QUIET_MS ({cfg.quiet_ms})")
+    if cfg.mode == "interval" and cfg.full_sync_interval == 0:
+        raise _error("SYNC_FULL_SYNC_INTERVAL", "0", "at least 1 (seconds) when SYNC_MODE=interval")
+    return cfg, warnings
+
+
+def check_source(cfg: Config) -> str:
+    """Check that the source is a readable directory; returns a short description.
+
+    Raises:
+        ConfigError: it is missing, not a directory, or not readable by this process.
+    """
+    src = str(cfg.source)
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        raise _error(
+            "SYNC_SOURCE", src, "an existing directory (nothing is there: mount the uploads volume or fix the path)"
+        ) from None
+    except OSError as exc:
+        raise _error("SYNC_SOURCE", src, f"a directory this process can reach ({exc.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise _error("SYNC_SOURCE", src, "a directory, not a file")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise _error(
+            "SYNC_SOURCE",
+            src,
+            f"readable by uid {os.getuid()} (run as the uploads' owner or make the directory readable)",
+        )
+    return f"{src} is a readable directory (device {st.st_dev})"
+
+
+def check_ssh_key(cfg: Config) -> str:
+    """Check that the private key exists and is readable; returns a short description."""
+    path = str(cfg.ssh_key_file)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except FileNotFoundError:
+        raise _error(
+            "SYNC_SSH_KEY_FILE",
+            path,
+            "an existing private key file (mount it, or set SYNC_SSH_KEY_FILE to where it is)",
+        ) from None
+    except IsADirectoryError:
+        raise _error("SYNC_SSH_KEY_FILE", path, "a private key file, not a directory") from None
+    except PermissionError:
+        raise _error(
+            "SYNC_SSH_KEY_FILE", path, f"readable by uid {os.getuid()} (chown it to that user, mode 0600)"
+        ) from None
+    if b"PRIVATE KEY" not in head:
+        raise _error(
+            "SYNC_SSH_KEY_FILE", path, "a private key (this file does not start like one; did you give the .pub file?)"
+        )
+    note = "" if not st.st_mode & 0o077 else f"; mode {st.st_mode & 0o777:04o} is too open, a private copy is used"
+    return f"{path} is a private key{note}"
+
+
+def check_known_hosts(cfg: Config) -> str:
+    """Check the known_hosts file; with ``accept-new`` it may be missing but must be creatable."""
+    path = cfg.ssh_known_hosts_file
+    if cfg.ssh_host_key_policy == "accept-new":
+        probe = path if path.exists() else path.parent
+        if not os.access(probe, os.W_OK):
+            raise _error(
+                "SYNC_SSH_KNOWN_HOSTS_FILE",
+                str(path),
+                "writable when SYNC_SSH_HOST_KEY_POLICY=accept-new (new host keys are written to it)",
+            )
+        return f"{path} (accept-new: first keys are written here)"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    except FileNotFoundError:
+        raise _error(
+            "SYNC_SSH_KNOWN_HOSTS_FILE",
+            str(path),
+            "an existing known_hosts file with the targets' "
+            "host keys (ssh-keyscan HOST >> FILE, after checking the fingerprint)",
+        ) from None
+    except OSError as exc:
+        raise _error("SYNC_SSH_KNOWN_HOSTS_FILE", str(path), f"a readable file ({exc.strerror})") from None
+    return f"{path} pins {len(lines)} host key(s)"
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from :data:`SETTINGS`."""
+    out = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "*(required)*" if s.default is None else (f"`{s.default}`" if s.default else "*(empty)*")
+        out.append(f"| `{s.name}` | `{s.flag}` | {default} | {s.help} Must be {s.form}. |")
+    return "\n".join(out) + "\n"
+
+
+def env_example() -> str:
+    """The text of ``.env.example``, generated from :data:`SETTINGS`."""
+    out = [
+        "# upsync sidecar settings. Copy to .env (or set them in the environment: the environment wins).",
+        "# Generated by `python -m sidecar config --env-example`; every SYNC_* setting with its default.",
+    ]
+    group = ""
+    for s in SETTINGS:
+        if s.group != group:
+            group = s.group
+            out += ["", f"## {group}"]
+        out.append(f"# {s.help.replace('`', '')}")
+        out.append(f"# Must be {s.form}.")
+        if s.default is None:
+            example = {"SYNC_SOURCE": "/srv/uploads", "SYNC_TARGETS": "ssh://upsync@content/"}[s.name]
+            out.append(f"{s.name}={example}")
+        else:
+            out.append(f"{s.name}={s.default}")
+    for name, meaning in ENTRYPOINT_ONLY.items():
+        out += ["", f"# Image only: {meaning} (instead of {name}_FILE, never both).", f"# {name}="]
+    return "\n".join(out) + "\n"

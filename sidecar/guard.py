@@ -1,0 +1,53 @@
+"""The source guard: never let a missing, replaced or emptied source delete the targets' copies.
+
+The device of ``SYNC_SOURCE`` is recorded at start. Before every sync the source must still exist,
+be a directory and sit on that device (an unmounted volume leaves an empty directory of another
+file system behind). A sync that would delete while the source is empty is refused as well.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+__all__ = ["GuardError", "SourceGuard"]
+
+
+class GuardError(Exception):
+    """The source cannot be trusted right now; the message says why."""
+
+
+class SourceGuard:
+    """Checks on ``SYNC_SOURCE`` made before every sync.
+
+    Args:
+        root: the source directory; it must exist when the guard is made.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.device = os.stat(root).st_dev
+
+    def check(self) -> None:
+        """Raise :class:`GuardError` unless the source is the directory it was at start."""
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            raise GuardError(
+                f"SYNC_SOURCE {self.root} is gone ({exc.strerror}); nothing is sent or deleted until it is back"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise GuardError(f"SYNC_SOURCE {self.root} is no longer a directory; nothing is sent or deleted")
+        if st.st_dev != self.device:
+            raise GuardError(
+                f"SYNC_SOURCE {self.root} is not the mount it was at start (device {self.device} "
+                f"is now {st.st_dev}: volume unmounted?); nothing is sent or deleted until it is back"
+            )
+
+    def is_empty(self) -> bool:
+        """True if the source has no entries at all (checked only before a sync that deletes)."""
+        try:
+            with os.scandir(self.root) as it:
+                return next(it, None) is None
+        except OSError:
+            return True

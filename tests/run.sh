@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one test command (README "Testing"): installs what it needs, then lints and runs every suite.
+#   bash tests/run.sh            everything: lint, unit, integration (real sshd + rsync), faults, compose stack
+#   bash tests/run.sh -m "not stack"   any extra arguments go to pytest
+# Needs root for the integration suites (a dedicated ssh target user, sysctl knobs); Docker for the stack.
+set -Eeuo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[tests] %s\n' "$*" >&2; }
+
+# System packages: rsync 3.5 (with rrsync), the OpenSSH server and client.
+missing=()
+for cmd in rsync rrsync sshd ssh ssh-keygen; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then log "missing ${missing[*]}: install rsync and openssh-server (needs root)"; exit 1; fi
+  log "installing rsync openssh-server openssh-client"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq rsync openssh-server openssh-client; } >/tmp/upsync-apt.log 2>&1 \
+    || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+fi
+
+# Python: a project venv with the pinned tools and the package itself (editable).
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.lock 2>&1 | grep -v '^WARNING: Location' >&2 || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
+.venv/bin/python -c 'import sidecar, watchfiles, tenacity, dotenv, prometheus_client, pytest' \
+  || { log "the venv is incomplete; see pip's output above"; exit 1; }
+
+log "ruff"
+.venv/bin/ruff check sidecar tests bench
+.venv/bin/ruff format --check sidecar tests bench >/dev/null || { .venv/bin/ruff format --diff sidecar tests bench | head -40; exit 1; }
+
+log "pytest"
+exec .venv/bin/python -m pytest "$@"
