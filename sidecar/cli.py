@@ -132,7 +132,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(cfg)
     except OSError as exc:
         return _fail(EXIT_ENVIRONMENT, f"cannot set up the runtime directory: {exc} (check SYNC_RUNTIME_DIR)")
-    return daemon.run()
+    try:
+        return daemon.run()
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
 
 
 def main() -> None:

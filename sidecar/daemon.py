@@ -19,8 +19,8 @@ from types import FrameType
 from typing import Any
 
 from . import logs
-from .config import Config
-from .guard import SourceGuard
+from .config import Config, ConfigError
+from .guard import GuardError, SourceGuard
 from .health import HealthServer
 from .metrics import Metrics
 from .rsync import Rsync
@@ -194,15 +194,22 @@ class Daemon:
         watcher_ok = self.cfg.mode != "watch" or (
             self.watcher is not None and self.watcher.started.is_set() and not self.watcher.error
         )
-        ok = watcher_ok and all(s["ready"] for s in statuses) and not self._stop.is_set()
+        try:
+            self.guard.check()  # one stat: a vanished source shows even when no event arrives
+            source_problem = ""
+        except GuardError as exc:
+            source_problem = str(exc)
+        ok = watcher_ok and not source_problem and all(s["ready"] for s in statuses) and not self._stop.is_set()
         self.metrics.ready.set(1 if ok else 0)
-        doc = {
+        doc: dict[str, Any] = {
             "ready": ok,
             "mode": self.cfg.mode,
             "source": self.root,
             "watcher": self._watcher_state(),
             "targets": statuses,
         }
+        if source_problem:
+            doc.update(reason="source_guard", message=source_problem)
         if not statuses:
             doc["note"] = "no target addresses (a dns+ssh:// name resolves to nothing yet)"
         return ok, doc
@@ -244,7 +251,14 @@ class Daemon:
         )
         try:
             if cfg.http_addr and cfg.mode != "once":
-                self.http = HealthServer(cfg.http_addr, self.health, self.ready, self.metrics.registry)
+                try:
+                    self.http = HealthServer(cfg.http_addr, self.health, self.ready, self.metrics.registry)
+                except OSError as exc:
+                    host, port = cfg.http_addr
+                    raise ConfigError(
+                        f'invalid SYNC_HTTP_ADDR="{host}:{port}": must be an address this process '
+                        f"can listen on ({exc.strerror}); pick another port or empty to disable"
+                    ) from None
                 self.http.start()
             if cfg.mode == "watch":
                 self.watcher = Watcher(

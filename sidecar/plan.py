@@ -178,6 +178,8 @@ class _Planner:
             except OSError:
                 continue  # vanished or replaced: the watcher reports it
             for entry in entries:
+                if self.full():
+                    return
                 child = f"{current}/{entry.name}"
                 try:
                     st = entry.stat(follow_symlinks=False)

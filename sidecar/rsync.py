@@ -93,6 +93,10 @@ def parse_skipped_deletes(text: str) -> int | None:
 
 def _summary(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    if "Traceback (most recent call last)" in stderr:
+        # A crash of the remote rrsync: its last line names the error, the frames do not help.
+        frames = [ln for ln in lines if ln.startswith(("Traceback", "File ", "^")) or ln.startswith("  ")]
+        lines = [ln for ln in lines if ln not in frames and not ln.startswith(("lock_", "fd =", "os."))]
     useful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
     text = " | ".join(dict.fromkeys(useful[:4]))
     return text[:600]
@@ -124,10 +128,10 @@ def classify(returncode: int, stderr: str) -> Outcome:
     msg = _summary(stderr)
     if returncode == 0:
         return Outcome("ok")
-    if "rrsync error" in stderr or "rrsync:" in stderr:
+    if "rrsync error" in stderr or "rrsync:" in stderr or 'File "/usr/bin/rrsync"' in stderr:
         if "Another instance of rrsync" in stderr:
             return Outcome("retry", "busy", "another rsync is writing to this target (rrsync lock): " + msg)
-        if "Restricted directory does not exist" in stderr:
+        if "Restricted directory does not exist" in stderr or "FileNotFoundError" in stderr:
             return Outcome("fatal", "target_path", "the target's rrsync directory does not exist: " + msg)
         return Outcome("fatal", "rejected", "the target's rrsync refused the transfer: " + msg)
     if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
@@ -185,7 +189,10 @@ class Rsync:
 
     def batch_args(self, delete: bool, max_delete: int) -> list[str]:
         """Send exactly the listed paths (NUL-separated on stdin); missing ones are deleted."""
-        args = [*self._common, "--from0", "--files-from=-"]
+        # --ignore-times: every listed path did change. rsync's quick check compares whole seconds
+        # (rrsync refuses the nanosecond --modify-window), so a same-size rewrite within the second
+        # the previous copy was made would otherwise be skipped.
+        args = [*self._common, "--from0", "--files-from=-", "--ignore-times"]
         if delete:
             args += ["--delete-missing-args", "--force", f"--max-delete={max_delete}"]
         else:
@@ -193,7 +200,10 @@ class Rsync:
         return [*args, self.source, self.dest]
 
     def full_args(self, delete: bool, max_delete: int) -> list[str]:
-        """The whole tree; ``max_delete=0`` counts the deletions it would make without making any."""
+        """The whole tree; ``max_delete=0`` counts the deletions it would make without making any.
+
+        Unchanged files are skipped by size and modification time (whole seconds), as in any rsync.
+        """
         args = [*self._common, "--recursive"]
         if delete:
             args += ["--delete", f"--max-delete={max_delete}"]

@@ -249,10 +249,15 @@ class SshLink:
             if self._master.poll() is not None:
                 break
             time.sleep(0.01)
+        code = self._master.poll()
         self.close()
         stderr = self._log.read_text(encoding="utf-8", errors="replace") if self._log.exists() else ""
         if not stderr.strip():
-            stderr = f"no connection within {self.connect_timeout + 5} s"
+            stderr = (
+                f"no connection within {self.connect_timeout + 5} s"
+                if code is None
+                else f"ssh exited with status {code} before connecting"
+            )
         raise describe_ssh_failure(self.target, stderr, self.known_hosts, self.key, self.connect_timeout)
 
     def master_pid(self) -> int | None:

@@ -146,29 +146,37 @@ class Watcher(threading.Thread):
         checked = time.monotonic()
         while True:
             raw = notify.watch(self.max_delay_ms, self.quiet_ms, _TIMEOUT_MS, None)
+            root_gone = False
             if isinstance(raw, set) and raw:
-                self._dispatch(raw)
+                root_gone = self._dispatch(raw)
             if self._stopping.is_set():
                 return None
             now = time.monotonic()
-            if now - checked >= 1.0:
+            if root_gone or now - checked >= 1.0:
                 checked = now
-                if self._identity() != identity:
+                # A directory deleted and made again often gets the same inode number back, so the
+                # event on the root itself is what tells us the watch is on a dead directory.
+                if root_gone or self._identity() != identity:
                     log.warning(
                         "the source directory was replaced or unmounted; watching it again",
                         extra={"fields": {"source": self.root}},
                     )
                     return "the source directory was replaced"
 
-    def _dispatch(self, raw: set[tuple[int, str]]) -> None:
+    def _dispatch(self, raw: set[tuple[int, str]]) -> bool:
+        """Hand a batch over; returns True if the source directory itself was deleted or moved."""
         seen_at = time.monotonic()
         changes: dict[str, int] = {}
         prefix, cut = self._prefix, len(self._prefix)
+        root_gone = False
         for change, path in raw:
             if path.startswith(prefix):
                 rel = path[cut:]
                 changes[rel] = changes.get(rel, 0) | _FLAGS.get(change, MODIFIED)
+            elif path == self.root and change != 2:
+                root_gone = True
         if changes:
             self.on_batch(changes, seen_at)
         if len(raw) >= self._threshold and not self.polling:
             self.on_lost(f"a burst of {len(raw)} changes may have overflowed the kernel's inotify queue")
+        return root_gone

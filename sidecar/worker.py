@@ -373,6 +373,11 @@ class Worker(threading.Thread):
         self.metrics.guard.labels(self.name_label).set(0)
 
     def _succeeded(self, kind: str, stats: Stats, seconds: float, seen_at: float | None, paths: int) -> None:
+        if self.failing and kind == "batch":
+            # A transfer cut off mid-way can leave rsync's temporary files on the target; a full sync
+            # removes them and double-checks that the outage lost nothing.
+            with self._cond:
+                self._pending.request_full(f"recovered from a failure ({self.failing[0]})")
         self.failing = None
         self.last_success = time.time()
         m, t = self.metrics, self.name_label

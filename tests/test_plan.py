@@ -1,0 +1,137 @@
+"""Unit tests: turning changed paths into one rsync list (what is on disk decides)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from sidecar.batch import ADDED, DELETED, MODIFIED, Pending
+from sidecar.plan import make_plan, open_for_writing
+
+
+def plan(changes: dict[str, int], root: Path, busy: set[str] = frozenset(), limit: int = 1_000_000):  # type: ignore[assignment]
+    return make_plan(changes, str(root), probe_busy=lambda p: os.path.basename(p) in busy, limit=limit)
+
+
+def test_files_are_sent_missing_paths_deleted(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    p = plan({"a.jpg": MODIFIED, "gone.jpg": DELETED}, tmp_path)
+    assert p.send == ["a.jpg"] and p.delete == ["gone.jpg"]
+    assert p.files_from() == b"a.jpg\0gone.jpg\0"
+    assert p.files_from(deletes=False) == b"a.jpg\0"
+
+
+def test_new_directory_is_listed_whole_without_rsync_recursion(tmp_path: Path) -> None:
+    (tmp_path / "2026/11").mkdir(parents=True)
+    (tmp_path / "2026/11/a.jpg").write_bytes(b"a")
+    (tmp_path / "2026/11/a-150x150.jpg").write_bytes(b"b")
+    p = plan({"2026": ADDED, "2026/11/a.jpg": ADDED}, tmp_path)
+    assert sorted(p.send) == ["2026", "2026/11", "2026/11/a-150x150.jpg", "2026/11/a.jpg"]
+
+
+def test_directory_metadata_change_is_not_a_walk(tmp_path: Path) -> None:
+    (tmp_path / "big").mkdir()
+    for i in range(5):
+        (tmp_path / f"big/{i}").write_text("x")
+    assert plan({"big": MODIFIED}, tmp_path).send == []
+
+
+def test_moved_in_directory_labelled_deleted_is_still_sent(tmp_path: Path) -> None:
+    # watchfiles labels renames by alternation; an unpaired "moved to" can come out as DELETED.
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved/f").write_text("x")
+    assert sorted(plan({"moved": DELETED}, tmp_path).send) == ["moved", "moved/f"]
+
+
+def test_rename_is_delete_plus_add(tmp_path: Path) -> None:
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new/f").write_text("x")
+    p = plan({"old": DELETED, "old/f": DELETED, "new": ADDED}, tmp_path)
+    assert p.delete == ["old"]  # topmost missing path only: --force removes what is below
+    assert sorted(p.send) == ["new", "new/f"]
+
+
+def test_missing_parent_is_deleted_instead(tmp_path: Path) -> None:
+    p = plan({"x/y/z.jpg": DELETED}, tmp_path)
+    assert p.delete == ["x"]
+
+
+def test_busy_files_are_held_back(tmp_path: Path) -> None:
+    (tmp_path / "done.jpg").write_text("x")
+    (tmp_path / "writing.jpg").write_text("x")
+    p = plan({"done.jpg": ADDED, "writing.jpg": ADDED}, tmp_path, busy={"writing.jpg"})
+    assert p.send == ["done.jpg"] and p.busy == ["writing.jpg"]
+
+
+def test_special_files_and_unsafe_links_are_skipped(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    (tmp_path / "d").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "abs")
+    os.symlink("../..", tmp_path / "d/up")
+    os.symlink("../seed", tmp_path / "d/ok")
+    (tmp_path / "seed").write_text("x")
+    p = plan({n: ADDED for n in ("fifo", "sock", "abs", "d/up", "d/ok", "seed")}, tmp_path)
+    sock.close()
+    assert sorted(p.send) == ["d/ok", "seed"]
+    assert sorted(path for path, _ in p.skipped) == ["abs", "d/up", "fifo", "sock"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "secret").chmod(0)
+    assert plan({"secret": ADDED}, tmp_path).skipped == [("secret", "unreadable")]
+
+
+def test_odd_names(tmp_path: Path) -> None:
+    names = ["with space", "new\nline", "-leading", "ünïcödé", "x" * 240]
+    for n in names:
+        (tmp_path / n).write_text(n)
+    p = plan(dict.fromkeys(names, ADDED), tmp_path)
+    assert sorted(p.send) == sorted(names)
+    assert p.files_from().count(b"\0") == len(names)
+
+
+def test_limit_asks_for_full_sync(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for i in range(50):
+        (tmp_path / f"d/{i}").write_text("x")
+    assert plan({"d": ADDED}, tmp_path, limit=10).too_many
+
+
+def test_path_escapes_are_ignored(tmp_path: Path) -> None:
+    p = plan({"../etc/passwd": MODIFIED, "/abs": MODIFIED, "": MODIFIED}, tmp_path)
+    assert not p and not p.delete
+
+
+def test_open_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_text("x")
+    assert open_for_writing(str(path)) is False
+    with open(path, "a"):
+        assert open_for_writing(str(path)) is True
+    with open(path):
+        assert open_for_writing(str(path)) is False
+    assert open_for_writing(str(tmp_path / "missing")) is None
+
+
+def test_pending_merges_and_bounds() -> None:
+    p = Pending(limit=3)
+    p.merge({"a": ADDED}, 5.0)
+    p.merge({"a": MODIFIED, "b": DELETED}, 2.0)
+    snap = p.take()
+    assert snap.changes == {"a": ADDED | MODIFIED, "b": DELETED} and snap.seen_at == 2.0
+    assert not p
+    p.restore(snap)
+    p.merge({"c": ADDED}, 9.0)
+    assert len(p) == 3
+    p.merge({"d": ADDED}, 9.0)  # past the bound: one full sync instead of per-path state
+    assert p.full_needed and len(p) == 0 and p.overflows == 1
+    p.merge({"e": ADDED}, 10.0)
+    snap = p.take()
+    assert snap.full and snap.changes == {} and "SYNC_MAX_PENDING" in snap.full_reason

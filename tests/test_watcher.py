@@ -1,0 +1,149 @@
+"""The watcher thread on a real directory: batching, nothing lost meanwhile, restarts that ask for a full sync."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.batch import ADDED, DELETED
+from sidecar.watcher import Watcher, overflow_threshold
+from tests.helpers import wait_until
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: queue.Queue[dict[str, int]] = queue.Queue()
+        self.lost: list[str] = []
+        self.fatal: list[str] = []
+        self.block = threading.Event()
+        self.block.set()
+
+    def on_batch(self, changes: dict[str, int], seen_at: float) -> None:
+        self.block.wait(10)  # a slow target: the next events must wait, not vanish
+        self.batches.put(changes)
+
+    def seen(self, timeout: float = 5) -> dict[str, int]:
+        """Everything delivered until nothing more arrives for a moment."""
+        out: dict[str, int] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                batch = self.batches.get(timeout=0.3)
+            except queue.Empty:
+                if out:
+                    return out
+                continue
+            for k, v in batch.items():
+                out[k] = out.get(k, 0) | v
+        return out
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, Recorder, Watcher]]:
+    rec = Recorder()
+    w = Watcher(
+        str(tmp_path),
+        quiet_ms=20,
+        max_delay_ms=300,
+        backend="auto",
+        poll_interval_ms=100,
+        on_batch=rec.on_batch,
+        on_lost=rec.lost.append,
+        on_fatal=rec.fatal.append,
+    )
+    w.start()
+    assert w.started.wait(5)
+    yield tmp_path, rec, w
+    w.stop()
+    rec.block.set()
+    w.join(5)
+    assert not w.is_alive()
+
+
+def test_batch_after_quiet_window(watched) -> None:
+    root, rec, _ = watched
+    (root / "a.jpg").write_text("a")
+    (root / "sub").mkdir()
+    seen = rec.seen()
+    assert seen["a.jpg"] & ADDED and seen["sub"] & ADDED
+
+
+def test_changes_while_a_batch_is_handled_are_kept(watched) -> None:
+    root, rec, _ = watched
+    rec.block.clear()  # the first batch "takes long to send"
+    (root / "first").write_text("1")
+    time.sleep(0.2)  # the first batch is now being handled
+    for i in range(50):
+        (root / f"meanwhile-{i}").write_text(str(i))
+    rec.block.set()
+    names: set[str] = set()
+    wait_until(lambda: names.update(rec.seen(1)) or len(names) >= 51, 10, "all 51 paths")
+    assert names == {"first"} | {f"meanwhile-{i}" for i in range(50)}
+
+
+def test_max_delay_bounds_a_continuous_stream(watched) -> None:
+    root, rec, _ = watched
+    stop = time.monotonic() + 1.5
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() < stop and rec.batches.empty():
+        (root / f"s{i}").write_text("x")  # never quiet for 20 ms
+        i += 1
+        time.sleep(0.005)
+    assert not rec.batches.empty(), "no batch although changes kept coming"
+    assert time.monotonic() - start < 1.0  # max delay 300 ms (+ one quiet step)
+
+
+def test_undecodable_name_restarts_watcher_and_asks_for_full_sync(watched) -> None:
+    root, rec, w = watched
+    with open(os.path.join(os.fsencode(root), b"bad\xff.jpg"), "wb") as fh:
+        fh.write(b"x")
+    wait_until(lambda: rec.lost, 10, "a full-sync request")
+    assert "watcher error" in rec.lost[0]
+    (root / "after.jpg").write_text("still watching")
+    wait_until(lambda: "after.jpg" in rec.seen(1), 10, "events after the restart")
+    assert w.is_alive()
+
+
+def test_source_deleted_and_recreated(watched) -> None:
+    root, rec, _ = watched
+    (root / "x").write_text("x")
+    rec.seen()
+    for entry in root.iterdir():
+        entry.unlink()
+    root.rmdir()
+    root.mkdir()  # often the same inode number again
+    wait_until(lambda: rec.lost, 10, "a full-sync request after the source was replaced")
+    (root / "new").write_text("watched again")
+    wait_until(lambda: "new" in rec.seen(1), 10, "events in the new directory")
+
+
+def test_big_burst_asks_for_a_full_sync(watched) -> None:
+    root, rec, w = watched
+    w._threshold = 50  # as if fs.inotify.max_queued_events were 200
+    for i in range(200):
+        (root / f"b{i}").write_text("x")
+    wait_until(lambda: any("overflowed" in r for r in rec.lost), 10, "an overflow suspicion")
+
+
+def test_deleted_flag(watched) -> None:
+    root, rec, _ = watched
+    (root / "d").write_text("x")
+    rec.seen()
+    (root / "d").unlink()
+    assert rec.seen()["d"] & DELETED
+
+
+def test_overflow_threshold_reads_the_kernel_setting(tmp_path: Path) -> None:
+    f = tmp_path / "q"
+    f.write_text("16384\n")
+    assert overflow_threshold(str(f)) == 4096
+    f.write_text("16\n")
+    assert overflow_threshold(str(f)) == 64
+    assert overflow_threshold(str(tmp_path / "missing")) == 4096
