@@ -61,9 +61,11 @@ class Target:
 
     @property
     def known_hosts_name(self) -> str:
-        """How this host appears in a known_hosts file (``[host]:port`` off port 22)."""
-        host = self.host_key_alias or self.host
-        return host if self.port == 22 else f"[{host}]:{self.port}"
+        """How this host appears in a known_hosts file: ``[host]:port`` off port 22; an alias as is
+        (ssh looks a ``HostKeyAlias`` up without the port)."""
+        if self.host_key_alias:
+            return self.host_key_alias
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
     def rsync_dest(self) -> str:
         """Destination argument for rsync; the trailing slash makes it "into this directory"."""

@@ -193,3 +193,41 @@ def test_moved_away_source_tree_keeps_target(source: Path, sshd: SshServer, run_
     shutil.move(str(workdir / "moved-away"), str(source))
     (source / "after.jpg").write_text("back")
     converged(source, sshd.root, timeout=20)
+
+
+def test_dns_target_resolves_to_every_address(
+    source: Path, sshd: SshServer, client_key, workdir: Path, sidecars
+) -> None:
+    from tests.helpers import Sidecar
+
+    spec = f"dns+ssh://{sshd.user}@127.0.0.1:{sshd.port}/"  # an address resolves to itself
+    known = workdir / "alias_known_hosts"
+    known.write_text(sshd.known_hosts_line("127.0.0.1") + "\n")  # ssh checks a HostKeyAlias without the port
+    sidecar = Sidecar(
+        source, spec, client_key, workdir, SYNC_SSH_KNOWN_HOSTS_FILE=str(known), SYNC_RESOLVE_INTERVAL_S="1"
+    )
+    sidecars.append(sidecar)
+    doc = sidecar.start().wait_ready()
+    assert [t["target"] for t in doc["targets"]] == [f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"]
+    (source / "fan.txt").write_text("out")
+    converged(source, sshd.root)
+
+
+def test_resolve_expands_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from sidecar.daemon import resolve
+    from sidecar.targets import parse_target
+
+    def fake(host, port, type=0):  # noqa: A002
+        assert host == "web"
+        return [
+            (2, 1, 6, "", ("172.20.0.7", port)),
+            (2, 1, 6, "", ("172.20.0.5", port)),
+            (2, 1, 6, "", ("172.20.0.5", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    got = resolve(parse_target("dns+ssh://upsync@web/"))
+    assert [(t.host, t.host_key_alias, t.port) for t in got] == [("172.20.0.5", "web", 22), ("172.20.0.7", "web", 22)]
+    assert resolve(parse_target("ssh://u@h/x")) == [parse_target("ssh://u@h/x")]
