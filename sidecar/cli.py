@@ -17,13 +17,11 @@ from collections.abc import Sequence
 from . import __version__, logs
 from .config import (
     SETTINGS,
-    SETTINGS_BY_NAME,
     ConfigError,
     check_known_hosts,
     check_source,
     check_ssh_key,
     env_example,
-    http_addr_from_env,
     load,
     markdown_table,
 )
@@ -60,15 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _health(overrides: dict[str, str], path: str) -> int:
+def _health(addr: tuple[str, int] | None, path: str) -> int:
     """Exit 0 if the daemon's endpoint answers 200: the image's HEALTHCHECK, with no curl needed."""
     import urllib.error
     import urllib.request
 
-    try:
-        addr = SETTINGS_BY_NAME["SYNC_HTTP_ADDR"].parse(overrides.get("SYNC_HTTP_ADDR", http_addr_from_env()))
-    except ValueError as exc:
-        return _fail(EXIT_CONFIG, f"invalid SYNC_HTTP_ADDR: must be {exc}")
     if addr is None:
         return _fail(EXIT_CONFIG, "SYNC_HTTP_ADDR is empty: the health endpoint is disabled")
     host = "127.0.0.1" if addr[0] in ("0.0.0.0", "::", "") else addr[0]
@@ -101,14 +95,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(env_example() if args.env_example else markdown_table())
         return 0
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
-    if args.command == "health":
-        return _health(overrides, "/readyz" if args.ready else "/healthz")
     if args.command == "once":
         overrides["SYNC_MODE"] = "once"
     try:
         cfg, warnings = load(overrides)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
+    if args.command == "health":
+        return _health(cfg.http_addr, "/readyz" if args.ready else "/healthz")
     logs.setup(cfg.log_format, cfg.log_level)
     log = logs.get("cli")
     for warning in warnings:

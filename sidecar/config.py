@@ -26,7 +26,6 @@ from .targets import Target, TargetError, parse_targets
 
 __all__ = [
     "SETTINGS",
-    "SETTINGS_BY_NAME",
     "Config",
     "ConfigError",
     "Setting",
@@ -34,7 +33,6 @@ __all__ = [
     "check_source",
     "check_ssh_key",
     "env_example",
-    "http_addr_from_env",
     "load",
     "markdown_table",
 ]
@@ -376,13 +374,6 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-SETTINGS_BY_NAME = _BY_NAME
-
-
-def http_addr_from_env(environ: Mapping[str, str] | None = None) -> str:
-    """``SYNC_HTTP_ADDR`` from the environment or its default (for ``health``, which needs nothing else)."""
-    env = os.environ if environ is None else environ
-    return env.get("SYNC_HTTP_ADDR", _BY_NAME["SYNC_HTTP_ADDR"].default or "")
 
 
 @dataclass(frozen=True)

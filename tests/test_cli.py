@@ -117,3 +117,13 @@ def test_once_syncs_and_exits_with_status(source: Path, sshd: SshServer, client_
     proc = Sidecar(source, [sshd], client_key, workdir, SYNC_RETRY_MAX_S="1").run("once")
     assert proc.returncode == 1
     assert "cannot reach" in proc.stderr
+
+
+@pytest.mark.integration
+def test_health_command(source: Path, sshd: SshServer, run_sidecar) -> None:
+    sidecar = run_sidecar()
+    env = {k: v for k, v in sidecar.env.items() if k != "PATH"}
+    assert run("health", **env).returncode == 0
+    assert run("health", "--ready", **env).returncode == 0
+    down = run("health", **{**env, "SYNC_HTTP_ADDR": "127.0.0.1:1"})
+    assert down.returncode == 1 and "Connection refused" in down.stderr
