@@ -37,7 +37,8 @@ def _probe_target(cfg: Config, runtime: Runtime, target: Target) -> str:
             link.ensure()
         except SshError as exc:
             raise RuntimeError(str(exc)) from None
-        with tempfile.TemporaryDirectory(prefix="upsync-check-") as tmp:
+        # In the private runtime directory: with a read-only root there may be no /tmp at all.
+        with tempfile.TemporaryDirectory(prefix="check-", dir=runtime.dir) as tmp:
             name = f".upsync-check-{os.getpid()}-{int(time.time())}"
             probe = os.path.join(tmp, name)
             with open(probe, "w", encoding="ascii") as fh:
@@ -81,7 +82,11 @@ def run_checks(cfg: Config, out: TextIO = sys.stdout) -> int:
     if not files_ok and not (cfg.ssh_key_file.is_file() and os.access(cfg.ssh_key_file, os.R_OK)):
         _line(out, False, "targets", "not checked: no usable ssh key")
         return 1
-    runtime = Runtime(cfg)
+    try:
+        runtime = Runtime(cfg)
+    except OSError as exc:
+        _line(out, False, "runtime dir", f"cannot make a private directory: {exc} (check SYNC_RUNTIME_DIR)")
+        return 1
     try:
         for target in cfg.targets:
             try:
@@ -94,7 +99,7 @@ def run_checks(cfg: Config, out: TextIO = sys.stdout) -> int:
             for each in concrete:
                 try:
                     ok &= _line(out, True, f"target {each.name}", _probe_target(cfg, runtime, each))
-                except RuntimeError as exc:
+                except (RuntimeError, OSError) as exc:
                     ok = _line(out, False, f"target {each.name}", str(exc))
     finally:
         runtime.close()

@@ -90,6 +90,8 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.http: HealthServer | None = None
         self._stop = threading.Event()
+        self._wakeup = threading.Event()  # set by signals and fatal errors: the main loop looks again
+        self._hup = False
         self._fatal: str | None = None
         self._lock = threading.Lock()
         self.settings = WorkerSettings(
@@ -163,6 +165,7 @@ class Daemon:
         log.error("cannot watch the source", extra={"fields": {"error": message}})
         self._fatal = message
         self._stop.set()
+        self._wakeup.set()
 
     # ----- health --------------------------------------------------------------------------------
 
@@ -218,12 +221,14 @@ class Daemon:
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
-            # Operators (and the stack test) trigger a reconcile without waiting for the interval.
-            log.info("SIGHUP: full sync requested")
-            threading.Thread(target=self.reconcile, args=("SIGHUP",), daemon=True).start()
+            # Operators (and the stack test) re-resolve targets and reconcile without waiting.
+            log.info("SIGHUP: targets re-resolved and a full sync requested")
+            self._hup = True
+            self._wakeup.set()
             return
         log.info("signal received; flushing and stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
         self._stop.set()
+        self._wakeup.set()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (``watch``, ``interval``) or until the full sync ends (``once``).
@@ -289,8 +294,16 @@ class Daemon:
             timeout = max(0.05, next_resolve - time.monotonic()) if has_dns else 3600.0
             if self.cfg.mode == "once":
                 timeout = 0.2
-            if self._stop.wait(timeout):
+            self._wakeup.wait(timeout)
+            self._wakeup.clear()
+            if self._stop.is_set():
                 break
+            if self._hup:
+                self._hup = False
+                if has_dns:
+                    self._sync_targets()
+                    next_resolve = time.monotonic() + self.cfg.resolve_interval_s
+                self.reconcile("SIGHUP")
             if self.cfg.mode == "once":
                 with self._lock:
                     workers = list(self.workers.values())

@@ -127,3 +127,4 @@ def test_health_command(source: Path, sshd: SshServer, run_sidecar) -> None:
     assert run("health", "--ready", **env).returncode == 0
     down = run("health", **{**env, "SYNC_HTTP_ADDR": "127.0.0.1:1"})
     assert down.returncode == 1 and "Connection refused" in down.stderr
+

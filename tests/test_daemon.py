@@ -219,7 +219,7 @@ def test_resolve_expands_names(monkeypatch: pytest.MonkeyPatch) -> None:
     from sidecar.daemon import resolve
     from sidecar.targets import parse_target
 
-    def fake(host, port, type=0):  # noqa: A002
+    def fake(host, port, type=0):
         assert host == "web"
         return [
             (2, 1, 6, "", ("172.20.0.7", port)),
