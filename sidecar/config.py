@@ -238,9 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _row(
         "SYNC_MAX_DELAY_MS",
-        "500",
+        "100",
         _int(1, 60000, "milliseconds"),
-        "Never hold a batch longer than this while changes keep coming.",
+        "Never hold a batch longer than this while changes keep coming (a burst then flows as a "
+        "pipeline: changes merge while a batch is being sent).",
         _G_BATCH,
     ),
     _row(

@@ -83,8 +83,7 @@ def open_for_writing(path: str) -> bool | None:
     except OSError:
         return None
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)  # closing the fd below releases it
         return False
     except OSError as exc:
         if exc.errno == errno.EAGAIN:

@@ -7,13 +7,15 @@ sent, so nothing that happens meanwhile is lost.
 watchfiles cannot report some things, so the watcher asks for a full sync (``on_lost``) when:
 
 * the watcher had to be restarted (an error, a file name that is not UTF-8, the source replaced);
-* a single batch is so large that the kernel's inotify queue may have overflowed
-  (``fs.inotify.max_queued_events``; watchfiles drops the overflow notice);
+* more changes arrived within one second than the kernel's inotify queue holds
+  (``fs.inotify.max_queued_events``), so it may have overflowed (watchfiles drops the overflow
+  notice itself); smaller overflows (a stalled reader) are left to the periodic reconcile;
 * the watch limit was reached and the ``auto`` backend fell back to polling.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -34,13 +36,16 @@ _TIMEOUT_MS = 1000
 
 
 def overflow_threshold(proc: str = "/proc/sys/fs/inotify/max_queued_events") -> int:
-    """Batch size from which a queue overflow is assumed: a quarter of the kernel's queue length."""
+    """Changes per second from which a queue overflow is assumed: the kernel's queue length.
+
+    A lower bound (a quarter, say) turned every 10,000-file burst into an extra full sync.
+    """
     try:
         with open(proc, encoding="ascii") as fh:
             queued = int(fh.read().strip())
     except (OSError, ValueError):
         queued = 16384
-    return max(64, queued // 4)
+    return max(64, queued)
 
 
 class Watcher(threading.Thread):
@@ -83,6 +88,7 @@ class Watcher(threading.Thread):
         self.error: str | None = None
         self._stopping = threading.Event()
         self._threshold = overflow_threshold()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, changes) of 1 s
         self._prefix = self.root + "/" if self.root != "/" else "/"
 
     def stop(self) -> None:
@@ -177,6 +183,13 @@ class Watcher(threading.Thread):
                 root_gone = True
         if changes:
             self.on_batch(changes, seen_at)
-        if len(raw) >= self._threshold and not self.polling:
-            self.on_lost(f"a burst of {len(raw)} changes may have overflowed the kernel's inotify queue")
+        if not self.polling:
+            recent = self._recent
+            recent.append((seen_at, len(raw)))
+            while recent[0][0] < seen_at - 1.0:
+                recent.popleft()
+            burst = sum(n for _, n in recent)
+            if burst >= self._threshold:
+                recent.clear()  # one full sync per burst
+                self.on_lost(f"{burst} changes within a second may have overflowed the kernel's inotify queue")
         return root_gone

@@ -507,9 +507,9 @@ class Worker(threading.Thread):
                     guard_ok = False
         if guard_ok:
             self._clear_guard()
-        self.initial_done = True
         if self.settings.full_interval_s:
             self._next_full = time.monotonic() + self.settings.full_interval_s
         self._succeeded("full", stats, seconds, None, stats.files)
+        self.initial_done = True  # after the metrics: /readyz 200 implies the sync is counted
         if self.settings.once and not guard_ok:
             raise FatalTargetError("delete_guard", self.guard_tripped or "delete guard")

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.sshd import KeyPair, SshServer, free_port, wait_until
+from tests.sshd import KeyPair, SshServer, free_port, kill_tree, wait_until
 
 __all__ = ["Sidecar", "assert_converges", "tree", "tree_diff", "wait_until"]
 
@@ -154,8 +154,9 @@ class Sidecar:
         return rc
 
     def kill(self) -> None:
+        """SIGKILL the daemon and its children (a killed daemon cannot stop its own ssh master)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            kill_tree(self.proc.pid)
             self.proc.wait()
 
 

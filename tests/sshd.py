@@ -118,6 +118,7 @@ class SshServer:
         self.user = target_user()
         self.client = client
         self.host_key = host_key
+        self.rrsync = rrsync
         self.port = free_port()
         self.root = base / "target"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,10 @@ class SshServer:
 
     @property
     def url(self) -> str:
-        return f"ssh://{self.user}@127.0.0.1:{self.port}/"
+        """The target URL: ``/`` is the jail's root with rrsync; without it, the real target directory
+        (never ``/``: a deleting sync there would hit the machine's root)."""
+        path = "/" if self.rrsync else f"{self.root}/"
+        return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"
 
     def start(self) -> SshServer:
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory

@@ -18,7 +18,7 @@ def test_defaults() -> None:
     assert warnings == []
     assert (cfg.quiet_ms, cfg.max_delay_ms, cfg.mode, cfg.delete, cfg.full_sync_interval) == (
         20,
-        500,
+        100,
         "watch",
         True,
         3600,

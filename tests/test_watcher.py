@@ -126,7 +126,7 @@ def test_source_deleted_and_recreated(watched) -> None:
 
 def test_big_burst_asks_for_a_full_sync(watched) -> None:
     root, rec, w = watched
-    w._threshold = 50  # as if fs.inotify.max_queued_events were 200
+    w._threshold = 50  # as if fs.inotify.max_queued_events were 50
     for i in range(200):
         (root / f"b{i}").write_text("x")
     wait_until(lambda: any("overflowed" in r for r in rec.lost), 10, "an overflow suspicion")
@@ -143,7 +143,7 @@ def test_deleted_flag(watched) -> None:
 def test_overflow_threshold_reads_the_kernel_setting(tmp_path: Path) -> None:
     f = tmp_path / "q"
     f.write_text("16384\n")
-    assert overflow_threshold(str(f)) == 4096
+    assert overflow_threshold(str(f)) == 16384
     f.write_text("16\n")
     assert overflow_threshold(str(f)) == 64
-    assert overflow_threshold(str(tmp_path / "missing")) == 4096
+    assert overflow_threshold(str(tmp_path / "missing")) == 16384
