@@ -1,0 +1,211 @@
+"""Read process trees from /proc: resident memory, CPU time, who is running.
+
+Everything here is a point-in-time snapshot of /proc; nothing is cached, because the trees we watch
+spawn and reap rsync/ssh children all the time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "Proc",
+    "RssSampler",
+    "SystemCpu",
+    "cmdline",
+    "cpu_seconds",
+    "descendants",
+    "processes",
+    "pss_bytes",
+    "rss_bytes",
+    "system_busy",
+]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    comm: str
+    utime: int  # clock ticks
+    stime: int
+    cutime: int  # reaped children's time, recursively (what finished rsync runs cost)
+    cstime: int
+    rss_pages: int
+
+
+def _read_stat(pid: int) -> Proc | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split at the last ')'.
+    head, _, tail = text.rpartition(")")
+    comm = head.partition("(")[2]
+    f = tail.split()
+    try:
+        # f[0] is field 3 (state) of proc(5): field n is f[n - 3].
+        return Proc(pid, int(f[1]), comm, int(f[11]), int(f[12]), int(f[13]), int(f[14]), int(f[21]))
+    except (IndexError, ValueError):
+        return None
+
+
+def processes() -> dict[int, Proc]:
+    """Every process now."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (p := _read_stat(int(entry))) is not None:
+            out[p.pid] = p
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def descendants(roots: Iterable[int], table: dict[int, Proc] | None = None) -> list[Proc]:
+    """The given processes and all their descendants (those that still exist)."""
+    table = processes() if table is None else table
+    children: dict[int, list[int]] = {}
+    for p in table.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    seen: dict[int, Proc] = {}
+    todo = [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen[pid] = table[pid]
+        todo.extend(children.get(pid, []))
+    return list(seen.values())
+
+
+def rss_bytes(procs: Iterable[Proc]) -> int:
+    """Summed resident set (shared pages count once per process, as ``ps`` shows them)."""
+    return sum(p.rss_pages for p in procs) * _PAGE
+
+
+def pss_bytes(pid: int) -> tuple[int, int]:
+    """(PSS, anonymous) bytes of one process from smaps_rollup (0, 0 if it is gone).
+
+    RSS counts every shared-library page a process has touched in full, in each process; PSS splits
+    shared pages between their users. That matters for ssh masters: a ControlPersist master is a fork
+    and shows ~4 MB less RSS than an ``ssh -M -N`` one for the same memory.
+    """
+    pss = anon = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith("Anonymous:"):
+                    anon = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return pss, anon
+
+
+def cpu_seconds(procs: Iterable[Proc]) -> float:
+    """user+system time of the processes plus that of the children they have reaped."""
+    return sum(p.utime + p.stime + p.cutime + p.cstime for p in procs) / _TICK
+
+
+class RssSampler(threading.Thread):
+    """Samples a tool every ``interval`` s and keeps the peaks.
+
+    Args:
+        resident: the tool's long-lived processes by role (``{"python": pid, "ssh master": pid}``).
+        roots: the roots of its whole tree (transient rsync/ssh children included below them).
+    """
+
+    def __init__(
+        self, resident: Callable[[], dict[str, int]], roots: Callable[[], list[int]], interval: float = 0.1
+    ) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self._resident = resident
+        self._roots = roots
+        self.interval = interval
+        self.peak_resident = 0  # peak of the sum over the long-lived processes
+        self.peak_tree = 0  # peak of the whole tree, transient children included
+        self.peak_by_role: dict[str, int] = {}
+        self.peak_pss = 0  # peak of the summed PSS of the long-lived processes
+        self.peak_anon = 0  # ... and of their anonymous (private, heap) memory
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def sample(self) -> None:
+        table = processes()
+        total = total_pss = total_anon = 0
+        for role, pid in self._resident().items():
+            if pid in table:
+                rss = rss_bytes([table[pid]])
+                total += rss
+                self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
+                pss, anon = pss_bytes(pid)
+                total_pss += pss
+                total_anon += anon
+        self.peak_resident = max(self.peak_resident, total)
+        self.peak_pss = max(self.peak_pss, total_pss)
+        self.peak_anon = max(self.peak_anon, total_anon)
+        self.peak_tree = max(self.peak_tree, rss_bytes(descendants(self._roots(), table)))
+        self.samples += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.sample()  # at least one sample even for very short runs
+
+    def result(self) -> dict[str, object]:
+        mb = 1024 * 1024
+        return {
+            "resident_mb": round(self.peak_resident / mb, 1),
+            "tree_mb": round(self.peak_tree / mb, 1),
+            "pss_mb": round(self.peak_pss / mb, 1),
+            "anon_mb": round(self.peak_anon / mb, 1),
+            "by_role_mb": {k: round(v / mb, 1) for k, v in self.peak_by_role.items()},
+            "samples": self.samples,
+        }
+
+
+class SystemCpu:
+    """Whole-machine CPU counters from /proc/stat (all cores), to show how busy the box was."""
+
+    def __init__(self) -> None:
+        with open("/proc/stat", encoding="ascii") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal
+        self.idle = f[3] + f[4]
+        self.steal = f[7] if len(f) > 7 else 0
+        self.total = sum(f[:8])
+
+    def since(self, before: SystemCpu) -> dict[str, float]:
+        total = max(1, self.total - before.total)
+        busy = total - (self.idle - before.idle) - (self.steal - before.steal)
+        return {
+            "busy_pct": round(100 * busy / total, 1),
+            "steal_pct": round(100 * (self.steal - before.steal) / total, 1),
+        }
+
+
+def system_busy(seconds: float) -> dict[str, float]:
+    """How busy the machine is while we do nothing (other people's processes: noise in our numbers)."""
+    before = SystemCpu()
+    time.sleep(seconds)
+    return SystemCpu().since(before)
