@@ -37,6 +37,10 @@ RESULTS = BENCH / "results"
 _T0 = time.monotonic()
 
 
+# Tools measured on the single-file workload only (slow, or context for the lsyncd anchor).
+W1_ONLY = ("lsyncd_d15", "lsyncd_nomux")
+
+
 def say(msg: str) -> None:
     print(f"[{time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -64,8 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, help="single-file samples per tool and tree (default 30, quick 6)")
     p.add_argument(
         "--tools",
-        default="floor,sidecar,lsyncd,lsyncd_d15,loop",
-        help="comma-separated subset of floor,sidecar,lsyncd,lsyncd_d15,loop",
+        default="floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
+        help="comma-separated subset of floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
     )
     p.add_argument(
         "--sidecar-env",
@@ -379,6 +383,8 @@ def _run(
             return LsyncdTool(ssh, workdir, 0)
         if key == "lsyncd_d15":
             return LsyncdTool(ssh, workdir, None)
+        if key == "lsyncd_nomux":
+            return LsyncdTool(ssh, workdir, 0, mux=False)
         if key == "loop":
             return LoopTool(ssh, workdir)
         if key == "floor":
@@ -394,7 +400,7 @@ def _run(
 
     # ----- 1. empty tree: W1, W2 ------------------------------------------------------------------
     phases = {p.strip() for p in args.phases.split(",")}
-    daemons = [k for k in wanted if k != "lsyncd_d15"]
+    daemons = [k for k in wanted if k not in W1_ONLY]
     for key in daemons if "empty" in phases else []:
         tool = tools[key]
         src, dst = base / "src" / f"{key}-empty", ssh.make_target(f"{key}-empty")
@@ -438,17 +444,20 @@ def _run(
                 f"trees {'equal' if res['w2_check']['ok'] else 'DIFFER: ' + str(res['w2_check']['examples'])}"
             )
 
-    if "lsyncd_d15" in tools and "empty" in phases:
-        tool = tools["lsyncd_d15"]
-        src, dst = base / "src" / "lsyncd_d15-empty", ssh.make_target("lsyncd_d15-empty")
+    # Context rows, single-file workload only: lsyncd's default delay (15 s a sample) and lsyncd
+    # without ssh multiplexing (a handshake per change).
+    results["w1_only"] = {}
+    for key in [k for k in W1_ONLY if k in tools] if "empty" in phases else []:
+        tool = tools[key]
+        src, dst = base / "src" / f"{key}-empty", ssh.make_target(f"{key}-empty")
         w.seed_tree(src)
-        k = sizes.default_delay_samples
+        k = sizes.default_delay_samples if key == "lsyncd_d15" else n
         with _running(tool, src, dst, logs, "empty") as startup:
-            say(f"{tool.label}: ready in {startup:.2f} s; W1 {k} sample(s), ~15 s each")
-            d15 = {"w1": w.single_file(tool, src, dst, k, "lsyncd_d15", size, sizes.timeout_s)}
-            d15["check"] = w.check_tree(tool, src, dst)
-        results["lsyncd_default"] = d15
-        say(f"  p50 {d15['w1']['p50_ms']} ms, max {d15['w1']['max_ms']} ms")
+            say(f"{tool.label}: ready in {startup:.2f} s; W1 {k} sample(s)")
+            one = {"w1": w.single_file(tool, src, dst, k, key, size, sizes.timeout_s)}
+            one["check"] = w.check_tree(tool, src, dst)
+        results["w1_only"][key] = one
+        say(f"  p50 {one['w1']['p50_ms']} ms, max {one['w1']['max_ms']} ms")
 
     # ----- 2. big tree: W3, W4, W5 ---------------------------------------------------------------
     if "big" not in phases:

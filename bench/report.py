@@ -17,11 +17,13 @@ from typing import Any
 __all__ = ["chart", "machine_info", "table", "targets", "write_json"]
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ["sidecar", "lsyncd", "lsyncd_d15", "loop", "floor"]
+ORDER = ["sidecar", "lsyncd", "lsyncd_d15", "lsyncd_nomux", "loop", "floor"]
+W1_ONLY = ("lsyncd_d15", "lsyncd_nomux")  # measured on the single-file workload only
 LABELS = {
     "sidecar": "sidecar",
     "lsyncd": "lsyncd d=0",
     "lsyncd_d15": "lsyncd d=15",
+    "lsyncd_nomux": "lsyncd d=0 no mux",
     "loop": "full-tree loop",
     "floor": "floor",
 }
@@ -106,8 +108,9 @@ Row = tuple[str, Callable[[dict[str, Any], str], Any], int, bool]
 
 def _w1(key: str) -> Callable[[dict[str, Any], str], Any]:
     def get(r: dict[str, Any], t: str) -> Any:
-        if t == "lsyncd_d15":
-            return _get(r, "lsyncd_default", "w1", key)
+        if t in W1_ONLY:
+            # "lsyncd_default": where results before the no-mux row kept lsyncd d=15
+            return _get(r, "w1_only", t, "w1", key) or _get(r, "lsyncd_default", "w1", key)
         return _get(r, "empty", t, "w1", key)
 
     return get
@@ -120,7 +123,7 @@ def _checks(r: dict[str, Any], t: str) -> str | None:
             c = _get(r, where, t, name)
             if c is not None:
                 parts.append(c)
-    if t == "lsyncd_d15" and (c := _get(r, "lsyncd_default", "check")) is not None:
+    if t in W1_ONLY and (c := _get(r, "w1_only", t, "check") or _get(r, "lsyncd_default", "check")) is not None:
         parts.append(c)
     if not parts:
         return None
@@ -336,7 +339,7 @@ def chart(r: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tools = [t for t in _tools(r) if t != "lsyncd_d15"]  # 15 s would flatten every other bar
+    tools = [t for t in _tools(r) if t not in W1_ONLY]  # single-file-only rows are in the table
     names = [LABELS[t] for t in tools]
     colors = {"sidecar": "#1f77b4", "lsyncd": "#ff7f0e", "loop": "#2ca02c", "floor": "#7f7f7f"}
     col = [colors.get(t, "#9467bd") for t in tools]

@@ -309,12 +309,19 @@ class _PersistentMaster(Tool):
 class LsyncdTool(_PersistentMaster):
     """lsyncd 2.2 ``default.rsyncssh`` (rsync for transfers, ssh for moves and deletes)."""
 
-    def __init__(self, ssh: SshSetup, workdir: Path, delay: int | None) -> None:
+    def __init__(self, ssh: SshSetup, workdir: Path, delay: int | None, mux: bool = True) -> None:
         key = "lsyncd" if delay == 0 else f"lsyncd_d{delay if delay is not None else 15}"
+        if not mux:
+            key += "_nomux"
         super().__init__(ssh, workdir, ssh.ctl / f"{key}.sock")
         self.key = key
         self.delay = delay
+        # mux=False: lsyncd as its manual configures it, a new ssh connection per rsync (the anchor
+        # the issue quoted); mux=True gives it the same multiplexed connection as everyone else.
+        self.mux = mux
         self.label = f"lsyncd delay={delay}" if delay is not None else "lsyncd delay=15 (default)"
+        if not mux:
+            self.label += ", no ssh mux"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"{self.key}.log"
 
@@ -322,7 +329,10 @@ class LsyncdTool(_PersistentMaster):
         def lua(value: object) -> str:
             return json.dumps(str(value))  # a JSON string of plain paths is a valid Lua string
 
-        opts = ", ".join(f"{k} = {lua(v)}" for k, v in self.ssh.options(self.control).items())
+        options = self.ssh.options(self.control)
+        if not self.mux:
+            options = {k: v for k, v in options.items() if not k.startswith("Control")}
+        opts = ", ".join(f"{k} = {lua(v)}" for k, v in options.items())
         delay = "" if self.delay is None else f"delay = {self.delay},"
         return (
             "settings { nodaemon = true, insist = false }\n"
@@ -339,8 +349,13 @@ class LsyncdTool(_PersistentMaster):
             "command": "lsyncd -nodaemon CONFIG (Debian package)",
             "settings": f"default.rsyncssh, delay={self.delay if self.delay is not None else '15 (default)'}, "
             "default rsync options (lsyncd 2.2: -lts + --delete-missing-args/--force/--from0 --files-from)",
-            "ssh": "identityFile, port and the common -o options incl. ControlMaster=auto, "
-            "ControlPath, ControlPersist=600 (passed to both rsync's --rsh and ssh for moves/deletes)",
+            "ssh": (
+                "identityFile, port and the common -o options incl. ControlMaster=auto, "
+                "ControlPath, ControlPersist=600 (passed to both rsync's --rsh and ssh for moves/deletes)"
+                if self.mux
+                else "identityFile, port and the common -o options but no ControlMaster: a new ssh "
+                "connection per rsync, as lsyncd's manual configures rsyncssh"
+            ),
         }
 
     def start(self, src: Path, dst: Path) -> float:
