@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .config import Config, ConfigError, check_known_hosts, check_source, check_ssh_key
+from .config import Config, ConfigError, check_known_hosts, check_runtime_dir, check_source, check_ssh_key
 from .daemon import Runtime, resolve
 from .rsync import Rsync, classify
 from .ssh import SshError
@@ -72,6 +72,7 @@ def run_checks(cfg: Config, out: TextIO = sys.stdout) -> int:
         ("source", check_source),
         ("ssh key", check_ssh_key),
         ("known_hosts", check_known_hosts),
+        ("runtime dir", check_runtime_dir),
     ]
     files_ok = True
     for what, fn in checks:

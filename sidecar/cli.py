@@ -10,15 +10,18 @@ rsync or ssh.
 from __future__ import annotations
 
 import argparse
+import difflib
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__, logs
 from .config import (
     SETTINGS,
     ConfigError,
     check_known_hosts,
+    check_runtime_dir,
     check_source,
     check_ssh_key,
     env_example,
@@ -41,8 +44,17 @@ COMMANDS = {
 }
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
+        raise _UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sidecar",
         description="upsync: replicate a directory to ssh targets as it changes (watchfiles + rsync).",
         epilog="commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
@@ -90,7 +102,19 @@ def cli(argv: Sequence[str] | None = None) -> int:
         | Variable | ...
         True
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (python -m sidecar --help lists them)"
+            return _fail(EXIT_CONFIG, f"unknown flag {name}{hint}")
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(EXIT_CONFIG, f"invalid command line: {exc}")
     if args.command == "config":
         sys.stdout.write(env_example() if args.env_example else markdown_table())
         return 0
@@ -118,6 +142,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         check_source(cfg)
         check_ssh_key(cfg)
         check_known_hosts(cfg)
+        check_runtime_dir(cfg)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
     from .daemon import Daemon

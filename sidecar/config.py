@@ -15,6 +15,8 @@ import difflib
 import os
 import re
 import stat
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "ConfigError",
     "Setting",
     "check_known_hosts",
+    "check_runtime_dir",
     "check_source",
     "check_ssh_key",
     "env_example",
@@ -414,14 +417,18 @@ assert [f.name for f in fields(Config)] == [s.attr for s in SETTINGS], "Config m
 
 
 def _show(value: str) -> str:
+    """The value as shown in a message: one line, printable, bytes that are not UTF-8 as \\xNN."""
     text = value if len(value) <= 200 else value[:200] + "..."
-    return '"' + text.replace("\n", "\\n") + '"'
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return '"' + text + '"'
 
 
 def _error(name: str, value: str | None, must: str) -> ConfigError:
     """``invalid NAME="value": must ...``; ``must`` is the phrase after "must" (or a full "must ..." text)."""
     shown = "" if value is None else "=" + _show(value)
     tail = must if must.startswith("must ") else f"must be {must}"
+    tail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in tail)  # one line, whatever was quoted
     return ConfigError(f"invalid {name}{shown}: {tail}")
 
 
@@ -515,6 +522,10 @@ def check_source(cfg: Config) -> str:
         raise _error("SYNC_SOURCE", src, f"a directory this process can reach ({exc.strerror})") from None
     if not stat.S_ISDIR(st.st_mode):
         raise _error("SYNC_SOURCE", src, "a directory, not a file")
+    try:
+        os.fsencode(src).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _error("SYNC_SOURCE", src, "a path in UTF-8 (watchfiles cannot watch any other)") from None
     if not os.access(src, os.R_OK | os.X_OK):
         raise _error(
             "SYNC_SOURCE",
@@ -522,6 +533,35 @@ def check_source(cfg: Config) -> str:
             f"readable by uid {os.getuid()} (run as the uploads' owner or make the directory readable)",
         )
     return f"{src} is a readable directory (device {st.st_dev})"
+
+
+def _key_load_problem(path: str) -> str:
+    """Why ssh could not use the key ('' if it can): asks ``ssh-keygen -y`` to derive the public key.
+
+    The key goes through a pipe, so its file's own (possibly too open) mode does not get in the way.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(1 << 16)
+        proc = subprocess.run(
+            ["ssh-keygen", "-y", "-P", "", "-f", "/dev/stdin"], input=data, capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""  # no ssh-keygen: leave it to ssh
+    if proc.returncode == 0:
+        return ""
+    lines = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return (lines[-1] if lines else f"ssh-keygen exited {proc.returncode}").replace('"/dev/stdin"', "it")
+
+
+def check_runtime_dir(cfg: Config) -> str:
+    """Check that the private runtime directory can be made where ``SYNC_RUNTIME_DIR`` says."""
+    base = str(cfg.runtime_dir) if cfg.runtime_dir else tempfile.gettempdir()
+    if not os.path.isdir(base):
+        raise _error("SYNC_RUNTIME_DIR", base, "an existing directory (mount a tmpfs there, or leave it empty)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise _error("SYNC_RUNTIME_DIR", base, f"writable by uid {os.getuid()} (a tmpfs with mode 1777 will do)")
+    return f"{base} is writable"
 
 
 def check_ssh_key(cfg: Config) -> str:
@@ -547,6 +587,9 @@ def check_ssh_key(cfg: Config) -> str:
         raise _error(
             "SYNC_SSH_KEY_FILE", path, "a private key (this file does not start like one; did you give the .pub file?)"
         )
+    problem = _key_load_problem(path)
+    if problem:
+        raise _error("SYNC_SSH_KEY_FILE", path, f"a private key ssh can load without a passphrase ({problem})")
     note = "" if not st.st_mode & 0o077 else f"; mode {st.st_mode & 0o777:04o} is too open, a private copy is used"
     return f"{path} is a private key{note}"
 

@@ -7,7 +7,9 @@ sync reached every target.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -47,12 +49,27 @@ def resolve(target: Target) -> list[Target]:
     return [target.expand(address) for address in addresses]
 
 
+def _remove_stale(base: Path) -> None:
+    """Remove runtime directories of daemons that were killed (SIGKILL leaves them behind)."""
+    for entry in base.glob("upsync-*/pid"):
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            pid = int(entry.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry.parent, ignore_errors=True)
+
+
 class Runtime:
     """The private runtime directory: ssh config, control sockets, key copy. Removed on close."""
 
     def __init__(self, cfg: Config) -> None:
         base = str(cfg.runtime_dir) if cfg.runtime_dir else None
         self.dir = Path(tempfile.mkdtemp(prefix="upsync-", dir=base))  # mode 0700
+        (self.dir / "pid").write_text(f"{os.getpid()}\n")
+        _remove_stale(self.dir.parent)
         self.key = private_key(cfg.ssh_key_file, self.dir)
         self.known_hosts = cfg.ssh_known_hosts_file.resolve()
         self.ssh_config = write_ssh_config(
@@ -69,6 +86,42 @@ class Runtime:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Waker:
+    """Wakes the main thread from any thread, and on any signal.
+
+    The kernel may deliver a signal to any thread, but Python runs its handler only in the main thread
+    once that thread executes Python code again; blocked in a wait it would not. ``set_wakeup_fd`` makes
+    the signal itself write to this socket pair, so the main thread's ``select`` returns at once.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._installed = False
+
+    def install_for_signals(self) -> None:
+        """Main thread only: every signal also writes a byte here."""
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._installed = True
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._w.send(b"\0")
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while self._r.recv(4096):
+                pass
+
+    def close(self) -> None:
+        if self._installed:
+            signal.set_wakeup_fd(-1)
+        self._r.close()
+        self._w.close()
 
 
 class Daemon:
@@ -90,8 +143,9 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.http: HealthServer | None = None
         self._stop = threading.Event()
-        self._wakeup = threading.Event()  # set by signals and fatal errors: the main loop looks again
+        self._wakeup = Waker()  # set by signals and fatal errors: the main loop looks again
         self._hup = False
+        self._resolved = False  # targets looked up (and workers started) at least once
         self._fatal: str | None = None
         self._lock = threading.Lock()
         self.settings = WorkerSettings(
@@ -141,6 +195,7 @@ class Daemon:
                 log.info("target removed", extra={"fields": {"target": name}})
             for name in sorted(set(wanted) - set(self.workers)):
                 self._add_worker(wanted[name])
+        self._resolved = True
 
     def _on_batch(self, changes: dict[str, int], seen_at: float) -> None:
         self.metrics.events.inc(len(changes))
@@ -202,7 +257,15 @@ class Daemon:
             source_problem = ""
         except GuardError as exc:
             source_problem = str(exc)
-        ok = watcher_ok and not source_problem and all(s["ready"] for s in statuses) and not self._stop.is_set()
+        # No worker yet is "not ready", unless every target is a name that resolves to nothing now.
+        targets_ok = self._resolved and (bool(statuses) or all(t.resolve_all for t in self.cfg.targets))
+        ok = (
+            watcher_ok
+            and targets_ok
+            and not source_problem
+            and all(s["ready"] for s in statuses)
+            and not self._stop.is_set()
+        )
         self.metrics.ready.set(1 if ok else 0)
         doc: dict[str, Any] = {
             "ready": ok,
@@ -213,7 +276,7 @@ class Daemon:
         }
         if source_problem:
             doc.update(reason="source_guard", message=source_problem)
-        if not statuses:
+        if not statuses and self._resolved:
             doc["note"] = "no target addresses (a dns+ssh:// name resolves to nothing yet)"
         return ok, doc
 
@@ -241,6 +304,7 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._signal)
             signal.signal(signal.SIGINT, self._signal)
             signal.signal(signal.SIGHUP, self._signal)
+            self._wakeup.install_for_signals()
         log.info(
             "starting",
             extra={
@@ -295,7 +359,6 @@ class Daemon:
             if self.cfg.mode == "once":
                 timeout = 0.2
             self._wakeup.wait(timeout)
-            self._wakeup.clear()
             if self._stop.is_set():
                 break
             if self._hup:
@@ -331,7 +394,7 @@ class Daemon:
                 worker.stop()
                 worker.join(timeout=3)
             left = worker.pending_count
-            if left or worker.full_sync_pending:
+            if self.cfg.mode != "once" and (left or worker.full_sync_pending):
                 log.warning(
                     "not delivered before shutdown; the full sync at the next start covers it",
                     extra={"fields": {"target": worker.name_label, "paths": left}},
@@ -340,4 +403,5 @@ class Daemon:
         if self.http is not None:
             self.http.close()
         self.runtime.close()
+        self._wakeup.close()
         log.info("stopped")

@@ -1,8 +1,10 @@
 """The source guard: never let a missing, replaced or emptied source delete the targets' copies.
 
-The device of ``SYNC_SOURCE`` is recorded at start. Before every sync the source must still exist,
-be a directory and sit on that device (an unmounted volume leaves an empty directory of another
-file system behind). A sync that would delete while the source is empty is refused as well.
+The device and the mount of ``SYNC_SOURCE`` are recorded at start. Before every sync the source must
+still exist, be a directory and sit on that device and that mount: an unmounted volume leaves the
+directory underneath behind, on another device, or on the same one for a bind mount of the same
+file system (which only the mount ID tells apart). A sync that would delete while the source is
+empty is refused as well.
 """
 
 from __future__ import annotations
@@ -10,11 +12,29 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["GuardError", "SourceGuard"]
+__all__ = ["GuardError", "SourceGuard", "mount_id"]
 
 
 class GuardError(Exception):
     """The source cannot be trusted right now; the message says why."""
+
+
+def mount_id(path: str) -> int | None:
+    """The kernel's ID of the mount ``path`` is on (``mnt_id`` in /proc/self/fdinfo), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+    return None
 
 
 class SourceGuard:
@@ -27,6 +47,7 @@ class SourceGuard:
     def __init__(self, root: str) -> None:
         self.root = root
         self.device = os.stat(root).st_dev
+        self.mount = mount_id(root)
 
     def check(self) -> None:
         """Raise :class:`GuardError` unless the source is the directory it was at start."""
@@ -42,6 +63,12 @@ class SourceGuard:
             raise GuardError(
                 f"SYNC_SOURCE {self.root} is not the mount it was at start (device {self.device} "
                 f"is now {st.st_dev}: volume unmounted?); nothing is sent or deleted until it is back"
+            )
+        now = mount_id(self.root)
+        if self.mount is not None and now is not None and now != self.mount:
+            raise GuardError(
+                f"SYNC_SOURCE {self.root} is not the mount it was at start (mount {self.mount} is now "
+                f"{now}: volume unmounted?); nothing is sent or deleted until it is back"
             )
 
     def is_empty(self) -> bool:

@@ -171,23 +171,29 @@ class _Planner:
             try:
                 with os.scandir(os.path.join(self.root, current)) as it:
                     entries = list(it)
-            except PermissionError:
-                self.plan.skipped.append((current, "unreadable directory"))
+            except OSError as exc:
+                self.report(current, exc)
                 continue
-            except OSError:
-                continue  # vanished or replaced: the watcher reports it
             for entry in entries:
                 if self.full():
                     return
                 child = f"{current}/{entry.name}"
                 try:
                     st = entry.stat(follow_symlinks=False)
-                except OSError:
+                except OSError as exc:
+                    self.report(child, exc)
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(child)
                 else:
                     self.add_leaf(child, st.st_mode)
+
+    def report(self, rel: str, exc: OSError) -> None:
+        """A path that cannot be read is skipped and said so; one that vanished meanwhile is not news."""
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return  # the watcher reports the delete
+        why = "unreadable" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or "cannot read")
+        self.plan.skipped.append((rel, why))
 
     def add_missing(self, rel: str) -> None:
         # List the topmost missing ancestor only: deleting it removes everything below.
@@ -216,7 +222,8 @@ def make_plan(
 
     Example:
         >>> import tempfile, pathlib
-        >>> root = tempfile.mkdtemp(); pathlib.Path(root, "new").mkdir(); pathlib.Path(root, "new/f").write_text("x")
+        >>> root = tempfile.mkdtemp(); pathlib.Path(root, "new").mkdir()
+        >>> _ = pathlib.Path(root, "new/f").write_text("x")
         >>> p = make_plan({"new": 1, "gone/x": 4}, root, probe_busy=None)
         >>> p.send, p.delete
         (['new', 'new/f'], ['gone'])

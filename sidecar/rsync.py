@@ -23,6 +23,7 @@ __all__ = [
     "classify",
     "parse_skipped_deletes",
     "parse_stats",
+    "skipped_paths",
 ]
 
 
@@ -102,7 +103,29 @@ def _summary(stderr: str) -> str:
     return text[:600]
 
 
-_SENDER_SKIP = re.compile(r"^rsync: \[sender\] .*(Permission denied|No such file or directory) \(\d+\)$")
+# Source paths rsync could not read: skipped and reported, not worth a retry (a retry would fail alike).
+_SENDER_SKIP = re.compile(
+    r"^rsync: \[sender\] .*(Permission denied|No such file or directory|File name too long) \(\d+\)$"
+)
+_QUOTED = re.compile(r'"(.+)"')
+
+
+def skipped_paths(stderr: str) -> list[tuple[str, str]]:
+    """``(absolute path, reason)`` for each source path rsync could not read.
+
+    Example:
+        >>> skipped_paths('rsync: [sender] send_files failed to open "/s/x": Permission denied (13)')
+        [('/s/x', 'unreadable')]
+    """
+    found = []
+    for line in (ln.strip() for ln in stderr.splitlines()):
+        m = _QUOTED.search(line)
+        if m and _SENDER_SKIP.match(line):
+            why = "unreadable" if "Permission denied" in line else line.rsplit(": ", 1)[-1].split(" (")[0]
+            found.append((m.group(1), why))
+    return found
+
+
 _NETWORK = (
     "Connection refused",
     "Connection timed out",

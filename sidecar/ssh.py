@@ -21,6 +21,7 @@ from .targets import Target
 __all__ = ["SshError", "SshLink", "describe_ssh_failure", "private_key", "write_ssh_config"]
 
 log = logs.get("ssh")
+_SETPRIV = shutil.which("setpriv")  # util-linux, in every Debian
 
 
 class SshError(Exception):
@@ -156,14 +157,16 @@ def describe_ssh_failure(target: Target, stderr: str, known_hosts: Path, key: Pa
             f"host key of {where} is not pinned in {known_hosts}; {offer}; {how} "
             "(or set SYNC_SSH_HOST_KEY_POLICY=accept-new to trust a first key)",
         )
+    # Before "Permission denied": ssh says that too after it could not load the key at all.
+    if "Load key" in text or "invalid format" in text or "bad permissions" in text:
+        load = next((ln.strip() for ln in text.splitlines() if "Load key" in ln), _last_line(text))
+        return SshError("auth", f"ssh cannot use the key {key}: {load}")
     if "Permission denied" in text or "Too many authentication failures" in text:
         return SshError(
             "auth",
             f"{target.user}@{where} refused the key {key} ({_last_line(text)}); add its "
             f"public key to that account's authorized_keys",
         )
-    if "Load key" in text or "invalid format" in text or "bad permissions" in text:
-        return SshError("auth", f"ssh cannot use the key {key}: {_last_line(text)}")
     return SshError("network", f"cannot reach {where}: {_last_line(text) or 'ssh exited without a message'}")
 
 
@@ -236,6 +239,10 @@ class SshLink:
             self.target.user,
             self.target.host,
         ]
+        if _SETPRIV:
+            # Dies with the thread that started it, even when the daemon is SIGKILLed: no orphan
+            # connection (and no stale lock on an rrsync target) survives the daemon.
+            cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
         with open(self._log, "wb") as err:
             # Own session: a Ctrl-C in the terminal must not cut the link while we flush on shutdown.
             self._master = subprocess.Popen(

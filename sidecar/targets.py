@@ -175,6 +175,8 @@ def parse_targets(text: str) -> tuple[Target, ...]:
         >>> [t.name for t in parse_targets("ssh://a@h1/x, b@h2:/y")]
         ['ssh://a@h1:22/x', 'ssh://b@h2:22/y']
     """
+    if any(not c.isprintable() for c in text):
+        raise TargetError("must not contain newlines or other control characters")
     entries = [part.strip() for part in text.split(",") if part.strip()]
     if not entries:
         raise TargetError(f"must list at least one target: {FORMS}")

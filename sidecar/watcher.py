@@ -10,12 +10,21 @@ watchfiles cannot report some things, so the watcher asks for a full sync (``on_
 * more changes arrived within one second than the kernel's inotify queue holds
   (``fs.inotify.max_queued_events``), so it may have overflowed (watchfiles drops the overflow
   notice itself); smaller overflows (a stalled reader) are left to the periodic reconcile;
-* the watch limit was reached and the ``auto`` backend fell back to polling.
+* the watch limit was reached (``fs.inotify.max_user_watches``) and the ``auto`` backend fell back
+  to polling. watchfiles places the watches it can and says nothing about the others, so after
+  start and after every batch that added paths, the watcher checks with a probe watch of its own
+  whether the limit is exhausted.
+
+Full syncs asked for because of watcher errors are spaced at least ``FULL_SYNC_COOLDOWN_S`` apart
+(a file name that is not UTF-8 makes watchfiles fail on every access to it): a later request waits,
+none is dropped.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import errno
 import os
 import threading
 import time
@@ -26,13 +35,32 @@ from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
 from . import logs
 from .batch import ADDED, DELETED, MODIFIED
 
-__all__ = ["Watcher", "overflow_threshold"]
+__all__ = ["Watcher", "overflow_threshold", "watch_limit_reached"]
 
 log = logs.get("watcher")
 
 # watchfiles' Change values -> our flags
 _FLAGS = {1: ADDED, 2: MODIFIED, 3: DELETED}
 _TIMEOUT_MS = 1000
+FULL_SYNC_COOLDOWN_S = 30.0
+_LIMIT = "the inotify watch limit was reached"
+_IN_DELETE_SELF = 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def watch_limit_reached(path: str) -> bool:
+    """True if this user cannot place one more inotify watch (``ENOSPC``: the watch limit is used up).
+
+    A probe of our own: one inotify instance, one watch on ``path``, closed at once.
+    """
+    fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        return False  # no instance to spare: cannot tell (the instance limit is not the watch limit)
+    try:
+        wd = _libc.inotify_add_watch(fd, os.fsencode(path), _IN_DELETE_SELF)
+        return wd < 0 and ctypes.get_errno() == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def overflow_threshold(proc: str = "/proc/sys/fs/inotify/max_queued_events") -> int:
@@ -89,6 +117,9 @@ class Watcher(threading.Thread):
         self._stopping = threading.Event()
         self._threshold = overflow_threshold()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, changes) of 1 s
+        self._last_full = float("-inf")  # monotonic time of the last full-sync request
+        self._deferred: str | None = None  # a request waiting for the cooldown
+        self._reported: set[str] = set()  # watcher errors logged already (each bad name once)
         self._prefix = self.root + "/" if self.root != "/" else "/"
 
     def stop(self) -> None:
@@ -103,6 +134,31 @@ class Watcher(threading.Thread):
         return st.st_dev, st.st_ino
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # a dead watcher must not look like a quiet tree
+            log.exception("watcher stopped by an internal error")
+            self.error = f"the watcher stopped: {exc}"
+            self.on_fatal(self.error)
+
+    def _limit_hit(self, detail: str) -> bool:
+        """The watch limit is exhausted: fall back to polling (``auto``) or stop. True: watch again."""
+        if self.backend == "auto":
+            log.error(
+                "inotify watch limit reached (fs.inotify.max_user_watches): some directories are not "
+                "watched; falling back to polling, which costs CPU and latency — raise the limit on the host",
+                extra={"fields": {"detail": detail, "poll_ms": self.poll_interval_ms}},
+            )
+            self.polling = True
+            return True
+        self.error = (
+            f"inotify watch limit reached ({detail}); raise fs.inotify.max_user_watches on the host, "
+            "or set SYNC_WATCH_BACKEND=auto to fall back to polling"
+        )
+        self.on_fatal(self.error)
+        return False
+
+    def _run(self) -> None:
         lost: str | None = None
         while not self._stopping.is_set():
             identity = self._identity()
@@ -115,48 +171,64 @@ class Watcher(threading.Thread):
                 notify = RustNotify([self.root], False, self.polling, self.poll_interval_ms, True, True)
             except OSError as exc:
                 if "watch limit" in str(exc) and not self.polling:
-                    if self.backend == "auto":
-                        log.error(
-                            "inotify watch limit reached (fs.inotify.max_user_watches); falling back to "
-                            "polling, which costs CPU and latency — raise the limit on the host",
-                            extra={"fields": {"error": str(exc), "poll_ms": self.poll_interval_ms}},
-                        )
-                        self.polling = True
-                        lost = lost or "switched to polling"
-                        continue
-                    self.error = (
-                        f"inotify watch limit reached ({exc}); raise fs.inotify.max_user_watches on "
-                        "the host, or set SYNC_WATCH_BACKEND=auto to fall back to polling"
-                    )
-                    self.on_fatal(self.error)
-                    return
+                    if not self._limit_hit(str(exc)):
+                        return
+                    lost = lost or "switched to polling"
+                    continue
                 log.error("cannot watch the source; retrying", extra={"fields": {"error": str(exc)}})
                 lost = lost or f"watcher failed: {exc}"
                 self._stopping.wait(1.0)
                 continue
-            self.started.set()
             try:
+                if not self.polling and watch_limit_reached(self.root):
+                    if not self._limit_hit("watches could not be placed on every directory at start"):
+                        return
+                    lost = lost or "switched to polling"
+                    continue
+                self.started.set()
                 lost = self._watch(notify, identity, lost)
             except WatchfilesRustInternalError as exc:
                 # e.g. a file name that is not UTF-8: watchfiles cannot report it, and drops the batch.
-                log.warning("watcher error; restarting it, a full sync follows", extra={"fields": {"error": str(exc)}})
-                lost = f"watcher error: {exc}"
+                text = str(exc)
+                if text not in self._reported:
+                    if len(self._reported) >= 1000:
+                        self._reported.clear()
+                    self._reported.add(text)
+                    log.warning("watcher error; restarting it, a full sync follows", extra={"fields": {"error": text}})
+                lost = f"watcher error: {text}"
             finally:
                 notify.close()
+            if lost == _LIMIT and not self._limit_hit("a new directory could not be watched"):
+                return
+
+    def _ask_full(self, reason: str, throttle: bool = False) -> None:
+        """Request a full sync now; a ``throttle``d one waits until the cooldown since the last is over."""
+        now = time.monotonic()
+        if not throttle or now - self._last_full >= FULL_SYNC_COOLDOWN_S:
+            self._last_full = now
+            self._deferred = None
+            self.on_lost(reason)
+        else:
+            self._deferred = self._deferred or reason
 
     def _watch(self, notify: RustNotify, identity: tuple[int, int], lost: str | None) -> str | None:
         """Watch until stopped or the source is replaced; returns why events may have been lost."""
         if lost:
             # Ask for the full sync only now that the new watch is in place, so it misses nothing.
-            self.on_lost(lost)
+            # Watcher errors repeat (every access to a name that is not UTF-8): those are throttled.
+            self._ask_full(lost, throttle=lost.startswith("watcher error"))
         checked = time.monotonic()
         while True:
             raw = notify.watch(self.max_delay_ms, self.quiet_ms, _TIMEOUT_MS, None)
-            root_gone = False
+            root_gone = added = False
             if isinstance(raw, set) and raw:
-                root_gone = self._dispatch(raw)
+                root_gone, added = self._dispatch(raw)
             if self._stopping.is_set():
                 return None
+            if self._deferred and time.monotonic() - self._last_full >= FULL_SYNC_COOLDOWN_S:
+                self._ask_full(self._deferred)
+            if added and not self.polling and watch_limit_reached(self.root):
+                return _LIMIT
             now = time.monotonic()
             if root_gone or now - checked >= 1.0:
                 checked = now
@@ -169,16 +241,18 @@ class Watcher(threading.Thread):
                     )
                     return "the source directory was replaced"
 
-    def _dispatch(self, raw: set[tuple[int, str]]) -> bool:
-        """Hand a batch over; returns True if the source directory itself was deleted or moved."""
+    def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, bool]:
+        """Hand a batch over; returns (the source directory itself was deleted or moved, paths were added)."""
         seen_at = time.monotonic()
         changes: dict[str, int] = {}
         prefix, cut = self._prefix, len(self._prefix)
-        root_gone = False
+        root_gone = added = False
         for change, path in raw:
             if path.startswith(prefix):
                 rel = path[cut:]
-                changes[rel] = changes.get(rel, 0) | _FLAGS.get(change, MODIFIED)
+                flag = _FLAGS.get(change, MODIFIED)
+                added = added or flag == ADDED
+                changes[rel] = changes.get(rel, 0) | flag
             elif path == self.root and change != 2:
                 root_gone = True
         if changes:
@@ -191,5 +265,5 @@ class Watcher(threading.Thread):
             burst = sum(n for _, n in recent)
             if burst >= self._threshold:
                 recent.clear()  # one full sync per burst
-                self.on_lost(f"{burst} changes within a second may have overflowed the kernel's inotify queue")
-        return root_gone
+                self._ask_full(f"{burst} changes within a second may have overflowed the kernel's inotify queue")
+        return root_gone, added

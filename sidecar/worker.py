@@ -21,7 +21,7 @@ from .batch import MODIFIED, Pending, Snapshot
 from .guard import GuardError, SourceGuard
 from .metrics import Metrics
 from .plan import make_plan, open_for_writing
-from .rsync import Outcome, Result, Rsync, Stats, classify, parse_skipped_deletes, parse_stats
+from .rsync import Outcome, Result, Rsync, Stats, classify, parse_skipped_deletes, parse_stats, skipped_paths
 from .ssh import SshError, SshLink
 from .targets import Target
 
@@ -249,9 +249,13 @@ class Worker(threading.Thread):
                 if self.settings.once:
                     self.result = True
                     return
-            except TransientError:
+            except TransientError as exc:
                 if self.settings.once:
                     self.result = False
+                    log.error(
+                        "full sync failed",
+                        extra={"fields": {"target": self.name_label, "reason": exc.reason, "error": str(exc)}},
+                    )
                     return
                 # Gave up because of shutdown; the next start's full sync covers what is left.
             except FatalTargetError as exc:
@@ -351,13 +355,18 @@ class Worker(threading.Thread):
         if outcome.kind == "fatal":
             raise FatalTargetError(outcome.reason, outcome.message)
         if outcome.kind == "skipped":
-            for line in outcome.message.split(" | "):
-                if self.reports.first(line, "rsync"):
-                    log.warning(
-                        "skipped unreadable source files", extra={"fields": {"target": self.name_label, "detail": line}}
-                    )
-                    self.metrics.skipped.labels("unreadable").inc()
+            # Keyed like the planner's reports (relative path, reason), so each path is reported once.
+            prefix = self.source.rstrip("/") + "/"
+            self._report_skipped(
+                [(p[len(prefix) :] if p.startswith(prefix) else p, why) for p, why in skipped_paths(result.stderr)]
+            )
         return result, outcome
+
+    def _report_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        for path, why in skipped:
+            if self.reports.first(path, why):
+                log.warning("not replicated", extra={"fields": {"path": path, "why": why}})
+                self.metrics.skipped.labels("unreadable" if why == "unreadable" else "special").inc()
 
     def _trip(self, message: str) -> None:
         if self.guard_tripped != message:
@@ -445,10 +454,7 @@ class Worker(threading.Thread):
             with self._cond:
                 self._pending.request_full("a new directory holds more than SYNC_MAX_PENDING paths")
             return
-        for path, why in plan.skipped:
-            if self.reports.first(path, why):
-                log.warning("not replicated", extra={"fields": {"path": path, "why": why}})
-                self.metrics.skipped.labels("unreadable" if "unreadable" in why else "special").inc()
+        self._report_skipped(plan.skipped)
         for path in plan.send:
             self._busy_since.pop(path, None)
         plan.send += self._hold_busy(plan.busy, now)

@@ -74,7 +74,7 @@ def test_check_good_target(source: Path, sshd: SshServer, client_key: KeyPair, w
     proc = Sidecar(source, [sshd], client_key, workdir).run("check")
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [ln.split()[0] for ln in lines] == ["ok"] * 5
+    assert [ln.split()[0] for ln in lines] == ["ok"] * 6
     assert lines[-1].startswith(f"ok   target ssh://{sshd.user}@127.0.0.1:{sshd.port}/: connected")
     assert "wrote and deleted a probe file" in lines[-1]
     assert sorted(os.listdir(sshd.root)) == []  # the probe is gone
@@ -127,4 +127,3 @@ def test_health_command(source: Path, sshd: SshServer, run_sidecar) -> None:
     assert run("health", "--ready", **env).returncode == 0
     down = run("health", **{**env, "SYNC_HTTP_ADDR": "127.0.0.1:1"})
     assert down.returncode == 1 and "Connection refused" in down.stderr
-

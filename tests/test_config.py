@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,9 +128,17 @@ def test_file_checks(tmp_path: Path) -> None:
     key.write_text("ssh-ed25519 AAAA this is a public key\n")
     with pytest.raises(ConfigError, match="did you give the .pub file"):
         check_ssh_key(cfg)
-    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n")
+    with pytest.raises(ConfigError, match="must be a private key ssh can load without a passphrase"):
+        check_ssh_key(cfg)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "real")], check=True)
+    key.write_bytes((tmp_path / "real").read_bytes())
     key.chmod(0o644)
     assert "too open" in check_ssh_key(cfg)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(tmp_path / "locked")], check=True)
+    key.write_bytes((tmp_path / "locked").read_bytes())
+    with pytest.raises(ConfigError, match="without a passphrase"):
+        check_ssh_key(cfg)
     with pytest.raises(ConfigError, match="must be an existing known_hosts file"):
         check_known_hosts(cfg)
     known.write_text("# comment\nh ssh-ed25519 AAAA\n")

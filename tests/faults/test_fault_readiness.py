@@ -28,11 +28,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ready() counts no worker as every worker ready: between the watch being in place and the "
-    "workers being created /readyz answers 200 with no target synced",
-)
 def test_not_ready_before_the_workers_exist(source: Path, sshd: SshServer, client_key: KeyPair, record) -> None:
     cfg, _ = load(
         environ={

@@ -57,11 +57,6 @@ def other_thread(pid: int, sig: int) -> int | None:
     return next((t for t in tids if not blocks(pid, t, sig)), None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the main thread sleeps in Event.wait(3600): a signal taken by another thread (any thread "
-    "may take a process-directed signal) is not acted on until it wakes",
-)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_signal_taken_by_another_thread_is_acted_on(
     source: Path, sshd: SshServer, start_synced, sig: signal.Signals, record

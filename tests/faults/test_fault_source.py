@@ -158,11 +158,6 @@ def test_bind_mount_unmounted_then_mounted_again(
             umount(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the guard compares st_dev only: a bind mount from the same file system unmounted leaves a "
-    "non-empty directory of the same device, and the next full sync deletes the target's files",
-)
 def test_same_filesystem_bind_mount_unmounted(
     source: Path, sshd: SshServer, start_synced, workdir: Path, record
 ) -> None:

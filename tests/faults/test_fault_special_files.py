@@ -143,11 +143,6 @@ def test_special_files_skipped_safely(source: Path, sshd: SshServer, user_sideca
     sidecar.check_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an unreadable file or directory is reported twice: once by the batch plan ('not replicated'), "
-    "again by the next full sync's rsync error ('skipped unreadable source files'), keyed differently",
-)
 def test_unreadable_reported_once(source: Path, sshd: SshServer, user_sidecar: PrefixedSidecar, record) -> None:
     sidecar = user_sidecar
     listener = make_specials(source, sshd.user)
