@@ -7,7 +7,8 @@ sent, so nothing that happens meanwhile is lost.
 watchfiles cannot report some things, so the watcher asks for a full sync (``on_lost``) when:
 
 * the watcher had to be restarted (an error, a file name that is not UTF-8, the source replaced);
-* more changes arrived within one second than the kernel's inotify queue holds
+* the watcher was stalled for seconds (a stopped or starved process, a paused VM), or
+  more changes arrived within one second than the kernel's inotify queue holds
   (``fs.inotify.max_queued_events``), so it may have overflowed (watchfiles drops the overflow
   notice itself); smaller overflows (a stalled reader) are left to the periodic reconcile;
 * the watch limit was reached (``fs.inotify.max_user_watches``) and the ``auto`` backend fell back
@@ -218,8 +219,14 @@ class Watcher(threading.Thread):
             # Watcher errors repeat (every access to a name that is not UTF-8): those are throttled.
             self._ask_full(lost, throttle=lost.startswith("watcher error"))
         checked = time.monotonic()
+        # watch() returns within its timeout plus one batch window; far longer means this process was
+        # stopped or starved (SIGSTOP, a paused VM, CPU starvation): the kernel queue may have overflowed.
+        stall_s = (_TIMEOUT_MS + self.max_delay_ms) / 1000 + 2.0
         while True:
+            called = time.monotonic()
             raw = notify.watch(self.max_delay_ms, self.quiet_ms, _TIMEOUT_MS, None)
+            if time.monotonic() - called > stall_s and not self.polling:
+                self._ask_full(f"the watcher was stalled for {time.monotonic() - called:.1f} s; events may be lost")
             root_gone = added = False
             if isinstance(raw, set) and raw:
                 root_gone, added = self._dispatch(raw)

@@ -231,3 +231,19 @@ def test_resolve_expands_names(monkeypatch: pytest.MonkeyPatch) -> None:
     got = resolve(parse_target("dns+ssh://upsync@web/"))
     assert [(t.host, t.host_key_alias, t.port) for t in got] == [("172.20.0.5", "web", 22), ("172.20.0.7", "web", 22)]
     assert resolve(parse_target("ssh://u@h/x")) == [parse_target("ssh://u@h/x")]
+
+
+def test_stalled_process_asks_for_a_full_sync(source: Path, sshd: SshServer, run_sidecar) -> None:
+    sidecar = run_sidecar()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGSTOP)  # a starved process or a paused VM: the kernel queue may overflow
+    try:
+        time.sleep(3.5)  # the stall itself is the fault being injected
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    wait_until(
+        lambda: sidecar.metric("upsync_syncs_total", kind="full", status="success") >= 2,
+        15,
+        "a second full sync after the stall",
+    )
+    assert "the watcher was stalled" in sidecar.logs()
