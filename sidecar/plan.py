@@ -77,11 +77,11 @@ def open_for_writing(path: str) -> bool | None:
 
     Returns:
         True or False, or None when this process may not take leases on the file (not its owner).
+
+    Raises:
+        OSError: the file cannot be opened for reading (unreadable, vanished): rsync could not send it.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
-    except OSError:
-        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)  # closing the fd below releases it
         return False
@@ -132,18 +132,25 @@ class _Planner:
             return
         self.add_leaf(rel, mode)
 
-    def add_leaf(self, rel: str, mode: int) -> None:
+    def add_leaf(self, rel: str, mode: int, path: str = "") -> None:
         if rel in self.handled:
             return
         self.handled.add(rel)
-        path = os.path.join(self.root, rel)
+        path = path or f"{self.root}/{rel}"
         if stat.S_ISREG(mode):
-            if not os.access(path, os.R_OK):
-                self.plan.skipped.append((rel, "unreadable"))
-                return
-            if self.probe is not None and self.probe(path):
-                self.plan.busy.append(rel)
-                return
+            if self.probe is None:
+                if not os.access(path, os.R_OK):
+                    self.plan.skipped.append((rel, "unreadable"))
+                    return
+            else:
+                try:
+                    busy = self.probe(path)  # opens the file: an unreadable one fails here
+                except OSError as exc:
+                    self.report(rel, exc)
+                    return
+                if busy:
+                    self.plan.busy.append(rel)
+                    return
         elif stat.S_ISLNK(mode):
             try:
                 if _symlink_escapes(self.root, rel):
@@ -169,7 +176,7 @@ class _Planner:
             self.sent.add(current)
             self.plan.send.append(current)
             try:
-                with os.scandir(os.path.join(self.root, current)) as it:
+                with os.scandir(f"{self.root}/{current}") as it:
                     entries = list(it)
             except OSError as exc:
                 self.report(current, exc)
@@ -186,7 +193,7 @@ class _Planner:
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(child)
                 else:
-                    self.add_leaf(child, st.st_mode)
+                    self.add_leaf(child, st.st_mode, entry.path)
 
     def report(self, rel: str, exc: OSError) -> None:
         """A path that cannot be read is skipped and said so; one that vanished meanwhile is not news."""
@@ -235,8 +242,10 @@ def make_plan(
             break
         if not rel or rel.startswith("/") or ".." in rel.split("/"):
             continue
+        if rel in planner.handled or rel in planner.sent:
+            continue  # inside a new directory walked already
         try:
-            st = os.lstat(os.path.join(root, rel))
+            st = os.lstat(f"{root}/{rel}")
         except (FileNotFoundError, NotADirectoryError):
             planner.add_missing(rel)
             continue

@@ -117,7 +117,8 @@ def test_open_for_writing(tmp_path: Path) -> None:
         assert open_for_writing(str(path)) is True
     with open(path):
         assert open_for_writing(str(path)) is False
-    assert open_for_writing(str(tmp_path / "missing")) is None
+    with pytest.raises(FileNotFoundError):
+        open_for_writing(str(tmp_path / "missing"))
 
 
 def test_pending_merges_and_bounds() -> None:
