@@ -305,6 +305,18 @@ class _PersistentMaster(Tool):
             self._master = _master_pid(self.control)
         return self._master
 
+    # Subclasses run their tool as ``self.proc`` and log to ``self.log``.
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    def roots(self) -> list[int]:
+        out = [self.proc.pid] if self.proc is not None else []
+        master = self.master_pid()
+        return [*out, master] if master is not None else out
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
 
 class LsyncdTool(_PersistentMaster):
     """lsyncd 2.2 ``default.rsyncssh`` (rsync for transfers, ssh for moves and deletes)."""
@@ -390,20 +402,12 @@ class LsyncdTool(_PersistentMaster):
             self.proc = None
         _exit_master(self.control)
 
-    def roots(self) -> list[int]:
-        out = [self.proc.pid] if self.proc is not None else []
-        master = self.master_pid()
-        return [*out, master] if master is not None else out
-
     def resident(self) -> dict[str, int]:
         out = {"lsyncd": self.proc.pid} if self.proc is not None else {}
         master = self.master_pid()
         if master is not None:
             out["ssh master"] = master
         return out
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
 class LoopTool(_PersistentMaster):
@@ -449,11 +453,6 @@ class LoopTool(_PersistentMaster):
             self.proc = None
         _exit_master(self.control)
 
-    def roots(self) -> list[int]:
-        out = [self.proc.pid] if self.proc is not None else []
-        master = self.master_pid()
-        return [*out, master] if master is not None else out
-
     def resident(self) -> dict[str, int]:
         if self.proc is None:
             return {}
@@ -466,9 +465,6 @@ class LoopTool(_PersistentMaster):
         if master is not None:
             out["ssh master"] = master
         return out
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
 class FloorTool(Tool):

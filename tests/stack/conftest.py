@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stack.harness import SERVICES, TIMINGS, CommandError, Compose, Stack, free_port
+from tests.sshd import free_port
+from tests.stack.harness import SERVICES, TIMINGS, CommandError, Compose, Stack
 
 # Cold: five images built from Debian packages (about 2 minutes here); warm: seconds.
 BUILD_AND_UP_TIMEOUT = 600

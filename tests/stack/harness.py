@@ -12,7 +12,6 @@ import http.cookiejar
 import json
 import os
 import secrets
-import socket
 import subprocess
 import time
 import urllib.error
@@ -55,12 +54,6 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sha256(data: bytes) -> str:
