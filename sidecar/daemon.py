@@ -253,7 +253,7 @@ class Daemon:
             self.watcher is not None and self.watcher.started.is_set() and not self.watcher.error
         )
         try:
-            self.guard.check()  # one stat: a vanished source shows even when no event arrives
+            self.guard.check()  # cheap (stat + mount ID): a vanished source shows even when no event arrives
             source_problem = ""
         except GuardError as exc:
             source_problem = str(exc)
