@@ -35,6 +35,9 @@ def tree(root: Path) -> dict[str, bytes | str]:
                         out[rel] = fh.read()
                 except PermissionError:
                     out[rel] = "unreadable"
+                except FileNotFoundError:
+                    # renamed away while we walked (rsync's temp file): a difference, so callers look again
+                    out[rel] = "vanished"
             else:
                 out[rel] = "special"
     return out
