@@ -56,8 +56,9 @@ def stack() -> Iterator[Stack]:
     project = f"upsync-test-{secrets.token_hex(4)}"
     port = free_port()
     admin_password = secrets.token_urlsafe(12)
-    # Hermetic: none of the developer's UPSYNC_* settings leak in.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPSYNC_")}
+    # Hermetic: none of the developer's UPSYNC_* settings leak in, but the image tag (UPSYNC_TAG,
+    # default "local"): parallel checkouts build and test their own images side by side.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPSYNC_") or k == "UPSYNC_TAG"}
     env.update(
         COMPOSE_BAKE="false",
         UPSYNC_HTTP_PORT=str(port),
