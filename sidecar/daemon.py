@@ -148,6 +148,8 @@ class Daemon:
         self._resolved = False  # targets looked up (and workers started) at least once
         self._fatal: str | None = None
         self._lock = threading.Lock()
+        self.metrics.full_sync_interval.set(cfg.full_sync_interval if cfg.mode != "once" else 0)
+        self.metrics.set_readiness(lambda: self.ready()[0], self._states)
         self.settings = WorkerSettings(
             delete=cfg.delete,
             max_delete=cfg.max_delete,
@@ -245,6 +247,11 @@ class Daemon:
             return "stopped"
         return "polling" if self.watcher.polling else "inotify"
 
+    def _states(self) -> list[tuple[str, str]]:
+        with self._lock:
+            workers = list(self.workers.values())
+        return [(w.name_label, w.status()["state"]) for w in workers]
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         with self._lock:
             workers = list(self.workers.values())
@@ -266,7 +273,6 @@ class Daemon:
             and all(s["ready"] for s in statuses)
             and not self._stop.is_set()
         )
-        self.metrics.ready.set(1 if ok else 0)
         doc: dict[str, Any] = {
             "ready": ok,
             "mode": self.cfg.mode,

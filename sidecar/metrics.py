@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["REASONS", "Metrics"]
+from . import __version__
+
+__all__ = ["REASONS", "STATES", "Metrics"]
+
+# A target's state, as /readyz names it; upsync_target_state has one series per state, 1 for the current one.
+STATES = ("starting", "ok", "failing", "delete_guard", "fatal")
 
 # The fixed set of values of the `reason` label (failures, skips, guard trips).
 REASONS = (
@@ -31,6 +41,24 @@ REASONS = (
     "source_guard",
     "error",
 )
+
+
+class _StateCollector(Collector):
+    """``upsync_target_state{target,state}``, read from the workers at scrape time (never stale)."""
+
+    def __init__(self, states: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "upsync_target_state",
+            "1 for the state each target is in now (" + ", ".join(STATES) + "), 0 for the others.",
+            labels=["target", "state"],
+        )
+        for target, current in self._states():
+            for state in STATES:
+                family.add_metric([target, state], 1.0 if state == current else 0.0)
+        yield family
 
 
 class Metrics:
@@ -69,7 +97,16 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        # Computed at scrape time (set_readiness), so it is right even when nobody polls /readyz.
         self.ready = Gauge("upsync_ready", "1 when /readyz answers 200.", registry=r)
+        self.full_sync_interval = Gauge(
+            "upsync_full_sync_interval_seconds",
+            "SYNC_FULL_SYNC_INTERVAL: a successful sync is expected at least this often (0: no periodic sync).",
+            registry=r,
+        )
+        Info("upsync_build", "Version and revision of the running upsync.", registry=r).info(
+            {"version": __version__, "revision": os.environ.get("UPSYNC_REVISION", "unknown")}
+        )
         self.guard = Gauge(
             "upsync_delete_guard_tripped", "1 while the delete guard holds deletes back.", ["target"], registry=r
         )
@@ -80,6 +117,11 @@ class Metrics:
             buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
+
+    def set_readiness(self, ready: Callable[[], bool], states: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """Compute ``upsync_ready`` and ``upsync_target_state`` at every scrape from these callbacks."""
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
+        self.registry.register(_StateCollector(states))
 
     def forget(self, target: str) -> None:
         """Drop the per-target series of a target that went away (a web node scaled down)."""

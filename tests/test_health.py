@@ -90,3 +90,20 @@ def test_json_logs(source: Path, sshd: SshServer, run_sidecar) -> None:
     batch = next(d for d in lines if d.get("kind") == "batch")
     assert {"time", "level", "msg", "target", "files", "bytes", "ms"} <= set(batch)
     assert not any("PRIVATE KEY" in line for line in sidecar.logs().splitlines())
+
+
+def test_ready_and_state_metrics_need_no_readyz_poll(source: Path, sshd: SshServer, run_sidecar) -> None:
+    # Regression: upsync_ready used to change only when someone polled /readyz, so a Prometheus that
+    # scrapes /metrics alone saw 0 forever. Here nothing but /metrics is ever asked.
+    sidecar = run_sidecar(ready=False)
+    name = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
+    wait_until(lambda: sidecar.metric("upsync_ready") == 1, 20, "upsync_ready 1 from /metrics alone")
+    assert sidecar.metric("upsync_target_state", target=name, state="ok") == 1
+    assert sidecar.metric("upsync_target_state", target=name) == 1  # one-hot over the states
+    assert sidecar.metric("upsync_full_sync_interval_seconds") == 3600
+    _, text = sidecar.get("/metrics")
+    assert 'upsync_build_info{revision="' in text and 'version="' in text
+    sshd.stop()
+    (source / "while-down.txt").write_text("x")
+    wait_until(lambda: sidecar.metric("upsync_target_state", target=name, state="failing") == 1, 15, "failing")
+    assert sidecar.metric("upsync_ready") == 0
