@@ -28,6 +28,7 @@ class Snapshot:
     full: bool = False
     full_reason: str = ""
     seen_at: float | None = None  # monotonic time the oldest change in it was seen
+    batch: int | None = None  # the one watcher batch it holds, as handed over (None: merged, retried)
 
     def __bool__(self) -> bool:
         return self.full or bool(self.changes)
@@ -51,6 +52,8 @@ class Pending:
         self._full = False
         self._full_reason = ""
         self._seen_at: float | None = None
+        self._batches: set[int] = set()
+        self._private = False  # holds changes that are not exactly one watcher batch
         self.overflows = 0
 
     def __len__(self) -> int:
@@ -67,11 +70,16 @@ class Pending:
         if seen_at is not None and (self._seen_at is None or seen_at < self._seen_at):
             self._seen_at = seen_at
 
-    def merge(self, changes: Mapping[str, int], seen_at: float | None) -> None:
-        """Add a batch; falls back to "full sync needed" once more than ``limit`` paths wait."""
+    def merge(self, changes: Mapping[str, int], seen_at: float | None, batch: int | None = None) -> None:
+        """Add changes (watcher batch number ``batch``, or None for anything else); falls back to "full sync
+        needed" once more than ``limit`` paths wait."""
         self._note_seen(seen_at)
         if self._full:
             return  # a full sync covers every path; keep no per-path state
+        if batch is None:
+            self._private = self._private or bool(changes)
+        else:
+            self._batches.add(batch)
         for path, flags in changes.items():
             self._changes[path] = self._changes.get(path, 0) | flags
         if len(self._changes) > self.limit:
@@ -87,12 +95,15 @@ class Pending:
 
     def take(self) -> Snapshot:
         """Everything pending, leaving the set empty."""
-        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at)
+        single = next(iter(self._batches)) if len(self._batches) == 1 and not self._private else None
+        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at, single)
         self._changes, self._full, self._full_reason, self._seen_at = {}, False, "", None
+        self._batches, self._private = set(), False
         return snap
 
     def restore(self, snap: Snapshot) -> None:
-        """Put back what a failed attempt took; newer changes merged meanwhile are kept."""
+        """Put back what a failed attempt took; newer changes merged meanwhile are kept. The retry is this
+        target's own: it plans again (others keep the shared plan)."""
         if snap.full:
             self.request_full(snap.full_reason)
         self.merge(snap.changes, snap.seen_at)

@@ -17,17 +17,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__, logs
-from .config import (
-    SETTINGS,
-    ConfigError,
-    check_known_hosts,
-    check_runtime_dir,
-    check_source,
-    check_ssh_key,
-    env_example,
-    load,
-    markdown_table,
-)
+from .config import SETTINGS, ConfigError, load
+from .docgen import env_example, markdown_table
 
 __all__ = ["EXIT_CONFIG", "EXIT_ENVIRONMENT", "EXIT_FAILED", "cli", "main"]
 
@@ -41,6 +32,9 @@ COMMANDS = {
     "check": "check the config, the source, the key and every target (connect, write a probe); exit 0/1",
     "config": "print the settings table (--markdown) or .env.example (--env-example)",
     "health": "ask a running daemon's /healthz (or /readyz with --ready); exit 0 if it answers 200 (HEALTHCHECK)",
+    "status": "one line per target from the running daemon (--json for all of it); exit 0 ok, 1 degraded, 2 failing",
+    "plan": "what a full sync would send and delete on each target now (a dry run; nothing changes)",
+    "approve": "approve N: let the running daemon's next full sync delete up to N paths, once (--only TARGET for one)",
 }
 
 
@@ -60,10 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog="commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
     )
     parser.add_argument("command", nargs="?", default="run", choices=list(COMMANDS), help="what to do (default run)")
+    parser.add_argument("count", nargs="?", default=None, help="approve: how many deletes")
     parser.add_argument("--version", action="version", version=f"upsync {__version__}")
     parser.add_argument("--markdown", action="store_true", help="config: print the README settings table")
     parser.add_argument("--env-example", action="store_true", help="config: print .env.example")
     parser.add_argument("--ready", action="store_true", help="health: ask /readyz instead of /healthz")
+    parser.add_argument("--json", action="store_true", help="status, plan: print JSON")
+    parser.add_argument("--only", default=None, metavar="TARGET", help="approve: only this target (as status names it)")
     group = parser.add_argument_group("settings (each also an environment variable)")
     for s in SETTINGS:
         group.add_argument(s.flag, dest=s.name, metavar="VALUE", default=None, help=f"{s.name}")
@@ -118,12 +115,20 @@ def cli(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(env_example() if args.env_example else markdown_table())
         return 0
+    if args.count is not None and args.command != "approve":
+        return _fail(EXIT_CONFIG, f"invalid command line: {args.command} takes no argument ({args.count!r})")
+    if args.command == "approve" and not (args.count or "").isdigit():
+        return _fail(
+            EXIT_CONFIG, f"invalid approve {args.count or ''!r}: must be a whole number of deletes (approve 950)"
+        )
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
     if args.command == "once":
         overrides["SYNC_MODE"] = "once"
     try:
         cfg, warnings = load(overrides)
     except ConfigError as exc:
+        for warning in exc.warnings:  # the hint for a typo matters most when the config fails
+            print(f"upsync: {warning}", file=sys.stderr)
         return _fail(EXIT_CONFIG, str(exc))
     if args.command == "health":
         return _health(cfg.http_addr, "/readyz" if args.ready else "/healthz")
@@ -134,21 +139,28 @@ def cli(argv: Sequence[str] | None = None) -> int:
     for program, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
         if shutil.which(program) is None:
             return _fail(EXIT_ENVIRONMENT, f"{program} is not installed or not on PATH (install the {package} package)")
-    if args.command == "check":
-        from .check import run_checks
+    from . import commands
+    from .check import preflight, run_checks
+    from .sandbox import SandboxError
 
+    if args.command == "check":
         return run_checks(cfg)
+    if args.command == "status":
+        return commands.status(cfg, args.json)
+    if args.command == "approve":
+        return commands.approve(cfg, int(args.count), args.only)
     try:
-        check_source(cfg)
-        check_ssh_key(cfg)
-        check_known_hosts(cfg)
-        check_runtime_dir(cfg)
+        preflight(cfg)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
+    if args.command == "plan":
+        return commands.plan(cfg, args.json)
     from .daemon import Daemon
 
     try:
         daemon = Daemon(cfg)
+    except SandboxError as exc:
+        return _fail(EXIT_ENVIRONMENT, f"SYNC_SANDBOX=required, but {exc}; or set SYNC_SANDBOX=auto")
     except OSError as exc:
         return _fail(EXIT_ENVIRONMENT, f"cannot set up the runtime directory: {exc} (check SYNC_RUNTIME_DIR)")
     try:

@@ -6,7 +6,8 @@ environment, the ``.env`` file (``SYNC_ENV_FILE``, read with python-dotenv), the
 
 An invalid value raises :class:`ConfigError` with one line of the form
 ``invalid SYNC_X="value": must be ...``; the CLI turns it into exit code 2.
-The README table and ``.env.example`` are generated from :data:`SETTINGS` (``python -m sidecar config``).
+The README table and ``.env.example`` are generated from :data:`SETTINGS` by :mod:`sidecar.docgen`; the
+checks of the host (does the source exist, can ssh load the key) are :mod:`sidecar.check`'s.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,21 +22,10 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from .filters import pattern_error
 from .targets import Target, TargetError, parse_targets
 
-__all__ = [
-    "SETTINGS",
-    "Config",
-    "ConfigError",
-    "Setting",
-    "check_known_hosts",
-    "check_runtime_dir",
-    "check_source",
-    "check_ssh_key",
-    "env_example",
-    "load",
-    "markdown_table",
-]
+__all__ = ["ENTRYPOINT_ONLY", "SETTINGS", "Config", "ConfigError", "Setting", "invalid", "load"]
 
 PREFIX = "SYNC_"
 # Read by the image's entrypoint (inline secrets written to private files), not by Python.
@@ -49,7 +36,15 @@ ENTRYPOINT_ONLY = {
 
 
 class ConfigError(Exception):
-    """A setting the daemon cannot start with. ``str()`` is the one line shown to the operator."""
+    """A setting the daemon cannot start with. ``str()`` is the one line shown to the operator.
+
+    Attributes:
+        warnings: what :func:`load` would have warned about (unknown names), shown before the error.
+    """
+
+    def __init__(self, message: str, warnings: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.warnings = warnings or []
 
 
 @dataclass(frozen=True)
@@ -187,8 +182,9 @@ def _patterns() -> tuple[str, Callable[[str], tuple[str, ...]]]:
 
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(item.strip() for item in text.split(",") if item.strip())
-        if any("\n" in item or "\0" in item for item in items):
-            raise ValueError(f"must be {form}")
+        for item in items:
+            if problem := pattern_error(item):
+                raise ValueError(f"must be {form}; {_show(item)} has {problem}")
         return items
 
     return form, parse
@@ -302,6 +298,14 @@ SETTINGS: tuple[Setting, ...] = (
         _G_DELETE,
     ),
     _row(
+        "SYNC_MAX_DELETE_PERCENT",
+        "10",
+        _int(1, 100, "percent"),
+        "Refuse any one sync that would delete more than this share of the paths the target holds (once it "
+        "deletes more than 20 paths): a source that lost most of its files never wipes a small site.",
+        _G_DELETE,
+    ),
+    _row(
         "SYNC_CHMOD",
         "D755,F644",
         _chmod(),
@@ -320,6 +324,23 @@ SETTINGS: tuple[Setting, ...] = (
         "60",
         _int(1, 3600, "seconds"),
         "Cap of the exponential backoff (with jitter) between retries to a failing target.",
+        _G_XFER,
+    ),
+    _row(
+        "SYNC_MAX_PARALLEL",
+        "0",
+        _int(0, 1024, "rsync runs; 0: two per CPU core"),
+        "How many rsync runs may start at once across all targets (a run that takes longer than a second "
+        "stops counting: it waits on the network, not the CPU).",
+        _G_XFER,
+    ),
+    _row(
+        "SYNC_SANDBOX",
+        "auto",
+        _choice("auto", "required", "off"),
+        "Confine the rsync sender with Landlock so it can read nothing outside `SYNC_SOURCE` but the "
+        "system's own files: `auto` where the kernel offers it (a warning otherwise), `required` refuses to "
+        "start without it, `off` never.",
         _G_XFER,
     ),
     _row(
@@ -357,6 +378,14 @@ SETTINGS: tuple[Setting, ...] = (
         "127.0.0.1:9110",
         _http_addr(),
         "Listen address of `/healthz`, `/readyz` and `/metrics`; empty disables.",
+        _G_RUN,
+    ),
+    _row(
+        "SYNC_UNHEALTHY_AFTER_S",
+        "600",
+        _int(0, 86400, "seconds"),
+        "`/healthz` (the image's HEALTHCHECK) fails while a target needs the operator, or has been failing "
+        "for longer than this; 0: failing targets never make it fail.",
         _G_RUN,
     ),
     _row("SYNC_LOG_FORMAT", "text", _choice("text", "json"), "One line per event, as text or JSON.", _G_RUN),
@@ -398,15 +427,19 @@ class Config:
     poll_interval_ms: int
     delete: bool
     max_delete: int
+    max_delete_percent: int
     chmod: str
     io_timeout_s: int
     retry_max_s: int
+    max_parallel: int
+    sandbox: str
     ssh_key_file: Path
     ssh_known_hosts_file: Path
     ssh_host_key_policy: str
     ssh_connect_timeout_s: int
     resolve_interval_s: int
     http_addr: tuple[str, int] | None
+    unhealthy_after_s: int
     log_format: str
     log_level: str
     shutdown_grace_s: int
@@ -424,7 +457,7 @@ def _show(value: str) -> str:
     return '"' + text + '"'
 
 
-def _error(name: str, value: str | None, must: str) -> ConfigError:
+def invalid(name: str, value: str | None, must: str) -> ConfigError:
     """``invalid NAME="value": must ...``; ``must`` is the phrase after "must" (or a full "must ..." text)."""
     shown = "" if value is None else "=" + _show(value)
     tail = must if must.startswith("must ") else f"must be {must}"
@@ -432,16 +465,24 @@ def _error(name: str, value: str | None, must: str) -> ConfigError:
     return ConfigError(f"invalid {name}{shown}: {tail}")
 
 
+def _unknown(names: Iterator[str] | list[str]) -> list[str]:
+    return sorted({n for n in names if n.startswith(PREFIX) and n not in _BY_NAME and n not in ENTRYPOINT_ONLY})
+
+
 def _unknown_names(names: Iterator[str] | list[str]) -> list[str]:
     known = list(_BY_NAME) + list(ENTRYPOINT_ONLY)
     warnings = []
-    for name in sorted(set(names)):
-        if not name.startswith(PREFIX) or name in _BY_NAME or name in ENTRYPOINT_ONLY:
-            continue
+    for name in _unknown(names):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else ""
         warnings.append(f"unknown setting {name} is ignored{hint}")
     return warnings
+
+
+def _missing_hint(name: str, unknown: list[str]) -> str:
+    """For a required setting that is not set: the unknown ``SYNC_*`` name that is closest to it, if any."""
+    close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
+    return f" ({close[0]} is set: did you mean {name}?)" if close else ""
 
 
 def load(
@@ -476,11 +517,22 @@ def load(
             try:
                 file_values = {k: v or "" for k, v in dotenv_values(env_path).items()}
             except (OSError, UnicodeDecodeError) as exc:
-                raise _error("SYNC_ENV_FILE", str(env_path), f"a readable .env file ({exc})") from None
+                raise invalid("SYNC_ENV_FILE", str(env_path), f"a readable .env file ({exc})") from None
         elif env_file_text is not None and env_file_text.strip():
-            raise _error("SYNC_ENV_FILE", env_file_text, "an existing file, or empty to read none")
+            raise invalid("SYNC_ENV_FILE", env_file_text, "an existing file, or empty to read none")
 
-    warnings = _unknown_names(list(env) + list(file_values))
+    names = list(env) + list(file_values)
+    warnings = _unknown_names(names)
+    try:
+        return _values(flags, env, file_values, names), warnings
+    except ConfigError as exc:
+        exc.warnings = warnings
+        raise
+
+
+def _values(
+    flags: Mapping[str, str], env: Mapping[str, str], file_values: Mapping[str, str], names: list[str]
+) -> Config:
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.name in flags:
@@ -492,162 +544,14 @@ def load(
         else:
             text = setting.default
         if text is None or (setting.default is None and not text.strip()):
-            raise _error(setting.name, None, f"set: {setting.form}")
+            raise invalid(setting.name, None, f"set: {setting.form}{_missing_hint(setting.name, _unknown(names))}")
         try:
             values[setting.attr] = setting.parse(text)
         except ValueError as exc:
-            raise _error(setting.name, text, str(exc)) from None
+            raise invalid(setting.name, text, str(exc)) from None
     cfg = Config(**values)
     if cfg.max_delay_ms < cfg.quiet_ms:
-        raise _error("SYNC_MAX_DELAY_MS", str(cfg.max_delay_ms), f"at least SYNC_QUIET_MS ({cfg.quiet_ms})")
+        raise invalid("SYNC_MAX_DELAY_MS", str(cfg.max_delay_ms), f"at least SYNC_QUIET_MS ({cfg.quiet_ms})")
     if cfg.mode == "interval" and cfg.full_sync_interval == 0:
-        raise _error("SYNC_FULL_SYNC_INTERVAL", "0", "at least 1 (seconds) when SYNC_MODE=interval")
-    return cfg, warnings
-
-
-def check_source(cfg: Config) -> str:
-    """Check that the source is a readable directory; returns a short description.
-
-    Raises:
-        ConfigError: it is missing, not a directory, or not readable by this process.
-    """
-    src = str(cfg.source)
-    try:
-        st = os.stat(src)
-    except FileNotFoundError:
-        raise _error(
-            "SYNC_SOURCE", src, "an existing directory (nothing is there: mount the uploads volume or fix the path)"
-        ) from None
-    except OSError as exc:
-        raise _error("SYNC_SOURCE", src, f"a directory this process can reach ({exc.strerror})") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise _error("SYNC_SOURCE", src, "a directory, not a file")
-    try:
-        os.fsencode(src).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _error("SYNC_SOURCE", src, "a path in UTF-8 (watchfiles cannot watch any other)") from None
-    if not os.access(src, os.R_OK | os.X_OK):
-        raise _error(
-            "SYNC_SOURCE",
-            src,
-            f"readable by uid {os.getuid()} (run as the uploads' owner or make the directory readable)",
-        )
-    return f"{src} is a readable directory (device {st.st_dev})"
-
-
-def _key_load_problem(path: str) -> str:
-    """Why ssh could not use the key ('' if it can): asks ``ssh-keygen -y`` to derive the public key.
-
-    The key goes through a pipe, so its file's own (possibly too open) mode does not get in the way.
-    """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(1 << 16)
-        proc = subprocess.run(
-            ["ssh-keygen", "-y", "-P", "", "-f", "/dev/stdin"], input=data, capture_output=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""  # no ssh-keygen: leave it to ssh
-    if proc.returncode == 0:
-        return ""
-    lines = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-    return (lines[-1] if lines else f"ssh-keygen exited {proc.returncode}").replace('"/dev/stdin"', "it")
-
-
-def check_runtime_dir(cfg: Config) -> str:
-    """Check that the private runtime directory can be made where ``SYNC_RUNTIME_DIR`` says."""
-    base = str(cfg.runtime_dir) if cfg.runtime_dir else tempfile.gettempdir()
-    if not os.path.isdir(base):
-        raise _error("SYNC_RUNTIME_DIR", base, "an existing directory (mount a tmpfs there, or leave it empty)")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise _error("SYNC_RUNTIME_DIR", base, f"writable by uid {os.getuid()} (a tmpfs with mode 1777 will do)")
-    return f"{base} is writable"
-
-
-def check_ssh_key(cfg: Config) -> str:
-    """Check that the private key exists and is readable; returns a short description."""
-    path = str(cfg.ssh_key_file)
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except FileNotFoundError:
-        raise _error(
-            "SYNC_SSH_KEY_FILE",
-            path,
-            "an existing private key file (mount it, or set SYNC_SSH_KEY_FILE to where it is)",
-        ) from None
-    except IsADirectoryError:
-        raise _error("SYNC_SSH_KEY_FILE", path, "a private key file, not a directory") from None
-    except PermissionError:
-        raise _error(
-            "SYNC_SSH_KEY_FILE", path, f"readable by uid {os.getuid()} (chown it to that user, mode 0600)"
-        ) from None
-    if b"PRIVATE KEY" not in head:
-        raise _error(
-            "SYNC_SSH_KEY_FILE", path, "a private key (this file does not start like one; did you give the .pub file?)"
-        )
-    problem = _key_load_problem(path)
-    if problem:
-        raise _error("SYNC_SSH_KEY_FILE", path, f"a private key ssh can load without a passphrase ({problem})")
-    note = "" if not st.st_mode & 0o077 else f"; mode {st.st_mode & 0o777:04o} is too open, a private copy is used"
-    return f"{path} is a private key{note}"
-
-
-def check_known_hosts(cfg: Config) -> str:
-    """Check the known_hosts file; with ``accept-new`` it may be missing but must be creatable."""
-    path = cfg.ssh_known_hosts_file
-    if cfg.ssh_host_key_policy == "accept-new":
-        probe = path if path.exists() else path.parent
-        if not os.access(probe, os.W_OK):
-            raise _error(
-                "SYNC_SSH_KNOWN_HOSTS_FILE",
-                str(path),
-                "writable when SYNC_SSH_HOST_KEY_POLICY=accept-new (new host keys are written to it)",
-            )
-        return f"{path} (accept-new: first keys are written here)"
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
-    except FileNotFoundError:
-        raise _error(
-            "SYNC_SSH_KNOWN_HOSTS_FILE",
-            str(path),
-            "an existing known_hosts file with the targets' "
-            "host keys (ssh-keyscan HOST >> FILE, after checking the fingerprint)",
-        ) from None
-    except OSError as exc:
-        raise _error("SYNC_SSH_KNOWN_HOSTS_FILE", str(path), f"a readable file ({exc.strerror})") from None
-    return f"{path} pins {len(lines)} host key(s)"
-
-
-def markdown_table() -> str:
-    """The README's settings table, generated from :data:`SETTINGS`."""
-    out = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
-    for s in SETTINGS:
-        default = "*(required)*" if s.default is None else (f"`{s.default}`" if s.default else "*(empty)*")
-        out.append(f"| `{s.name}` | `{s.flag}` | {default} | {s.help} Must be {s.form}. |")
-    return "\n".join(out) + "\n"
-
-
-def env_example() -> str:
-    """The text of ``.env.example``, generated from :data:`SETTINGS`."""
-    out = [
-        "# upsync sidecar settings. Copy to .env (or set them in the environment: the environment wins).",
-        "# Generated by `python -m sidecar config --env-example`; every SYNC_* setting with its default.",
-    ]
-    group = ""
-    for s in SETTINGS:
-        if s.group != group:
-            group = s.group
-            out += ["", f"## {group}"]
-        out.append(f"# {s.help.replace('`', '')}")
-        out.append(f"# Must be {s.form}.")
-        if s.default is None:
-            example = {"SYNC_SOURCE": "/srv/uploads", "SYNC_TARGETS": "ssh://upsync@content/"}[s.name]
-            out.append(f"{s.name}={example}")
-        else:
-            out.append(f"{s.name}={s.default}")
-    for name, meaning in ENTRYPOINT_ONLY.items():
-        out += ["", f"# Image only: {meaning} (instead of {name}_FILE, never both).", f"# {name}="]
-    return "\n".join(out) + "\n"
+        raise invalid("SYNC_FULL_SYNC_INTERVAL", "0", "at least 1 (seconds) when SYNC_MODE=interval")
+    return cfg

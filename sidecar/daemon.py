@@ -1,4 +1,4 @@
-"""Wire the parts together and run: watcher -> per-target workers -> health/metrics.
+"""Wire the parts together and run: watcher -> shared plans -> per-target workers -> health/metrics.
 
 Start-up order matters: the watch is in place before the first full sync starts, so a change made
 during that sync is either in it or in the next batch. ``/readyz`` turns 200 once the first full
@@ -8,6 +8,7 @@ sync reached every target.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import shutil
@@ -20,18 +21,25 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import logs
+from . import __version__, logs
 from .config import Config, ConfigError
+from .control import ControlServer
+from .filters import Excludes
 from .guard import GuardError, SourceGuard
 from .health import HealthServer
 from .metrics import Metrics
-from .rsync import Rsync
+from .plan import Planner, SharedPlans
+from .policy import DeleteLimits
+from .rsync import Rsync, Slots
+from .sandbox import SandboxError, SourceSandbox
+from .scan import SharedScan
 from .ssh import SshLink, private_key, write_ssh_config
 from .targets import Target
+from .transport import Transport
 from .watcher import Watcher
 from .worker import ReportOnce, Worker, WorkerSettings
 
-__all__ = ["Daemon", "Runtime", "resolve"]
+__all__ = ["Daemon", "Runtime", "make_sandbox", "resolve"]
 
 log = logs.get("daemon")
 
@@ -88,6 +96,32 @@ class Runtime:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def make_sandbox(cfg: Config, root: str, runtime: Runtime) -> SourceSandbox | None:
+    """The sender's sandbox as ``SYNC_SANDBOX`` asks (None: off, or unavailable with ``auto``).
+
+    Raises:
+        SandboxError: ``required`` and the kernel offers none.
+    """
+    if cfg.sandbox == "off":
+        return None
+    try:
+        return SourceSandbox(root, [runtime.ssh_config])
+    except SandboxError as exc:
+        if cfg.sandbox == "required":
+            raise
+        log.warning(
+            "no sandbox for the rsync sender: between planning and sending, a path swapped for a symlink can "
+            "make rsync read outside SYNC_SOURCE (see docs/security.md); SYNC_SANDBOX=required refuses to run so",
+            extra={"fields": {"why": str(exc)}},
+        )
+        return None
+
+
+def parallel_runs(setting: int) -> int:
+    """``SYNC_MAX_PARALLEL``: 0 means two per CPU core."""
+    return setting or 2 * (os.cpu_count() or 1)
+
+
 class Waker:
     """Wakes the main thread from any thread, and on any signal.
 
@@ -139,6 +173,19 @@ class Daemon:
         self.guard = SourceGuard(self.root)
         self.reports = ReportOnce()
         self.runtime = Runtime(cfg)
+        try:
+            self.sandbox = make_sandbox(cfg, self.root, self.runtime)
+        except BaseException:
+            self.runtime.close()
+            raise
+        excludes = Excludes(cfg.exclude)
+        self.planner = Planner(self.root, excludes, limit=cfg.max_pending)
+        self.plans = SharedPlans(self.planner)
+        self.scans = SharedScan(self.root, excludes)
+        self.slots = Slots(parallel_runs(cfg.max_parallel))
+        self._batches = itertools.count(1)
+        self._probe_warned = False
+        self.control: ControlServer | None = None
         self.workers: dict[str, Worker] = {}
         self.watcher: Watcher | None = None
         self.http: HealthServer | None = None
@@ -152,23 +199,34 @@ class Daemon:
         self.metrics.set_readiness(lambda: self.ready()[0], self._states)
         self.settings = WorkerSettings(
             delete=cfg.delete,
-            max_delete=cfg.max_delete,
+            limits=DeleteLimits(cfg.max_delete, cfg.max_delete_percent),
             max_pending=cfg.max_pending,
             full_interval_s=cfg.full_sync_interval if cfg.mode != "once" else 0,
             retry_max_s=cfg.retry_max_s,
             write_wait_s=cfg.write_wait_s,
             quiet_s=cfg.quiet_ms / 1000,
+            unhealthy_after_s=cfg.unhealthy_after_s,
             once=cfg.mode == "once",
         )
 
     # ----- workers -------------------------------------------------------------------------------
 
     def _add_worker(self, target: Target) -> Worker:
-        link = self.runtime.link(self.cfg, target)
+        cfg = self.cfg
+        link = self.runtime.link(cfg, target)
         rsync = Rsync(
-            self.root, target.rsync_dest(), link.rsync_shell(), self.cfg.chmod, self.cfg.exclude, self.cfg.io_timeout_s
+            self.root,
+            target.rsync_dest(),
+            link.rsync_shell(),
+            cfg.chmod,
+            self.planner.excludes,
+            cfg.io_timeout_s,
+            preexec=self.sandbox.preexec if self.sandbox else None,
+            slots=self.slots,
         )
-        worker = Worker(target, self.root, link, rsync, self.guard, self.metrics, self.settings, self.reports)
+        transport = Transport(target, link, rsync, self.runtime.dir)
+        worker = Worker(transport, self.plans, self.scans, self.guard, self.metrics, self.settings, self.reports)
+        transport.on_skipped = worker.report_skipped
         self.workers[target.name] = worker
         worker.start()
         log.info("target added", extra={"fields": {"target": target.name}})
@@ -189,29 +247,42 @@ class Daemon:
                 )
                 wanted.update({n: w.target for n, w in self.workers.items() if w.target.host_key_alias == target.host})
         with self._lock:
-            for name in set(self.workers) - set(wanted):
-                worker = self.workers.pop(name)
-                worker.stop()
-                worker.join(timeout=5)
-                self.metrics.forget(name)
-                log.info("target removed", extra={"fields": {"target": name}})
+            gone = [self.workers.pop(name) for name in set(self.workers) - set(wanted)]
             for name in sorted(set(wanted) - set(self.workers)):
                 self._add_worker(wanted[name])
+        # Outside the lock: a worker stuck in a transfer must not block health checks and the watcher.
+        for worker in gone:
+            worker.stop()
+        for worker in gone:
+            worker.join(timeout=5)
+            self.metrics.forget(worker.name_label)
+            log.info("target removed", extra={"fields": {"target": worker.name_label}})
         self._resolved = True
 
     def _on_batch(self, changes: dict[str, int], seen_at: float) -> None:
         self.metrics.events.inc(len(changes))
+        batch = next(self._batches)  # one plan per batch, shared by every target (SharedPlans)
+        for worker in self._workers():
+            worker.submit(changes, seen_at, batch)
+        if self.planner.probe_unsupported and not self._probe_warned:
+            self._probe_warned = True
+            log.warning(
+                "cannot tell whether files are still being written (not their owner, no CAP_LEASE); a file "
+                "written slowly may reach the target before it is complete — run as the uploads' owner uid"
+            )
+
+    def _workers(self) -> list[Worker]:
         with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.submit(changes, seen_at)
+            return list(self.workers.values())
 
     def reconcile(self, reason: str) -> None:
         """Ask every target for a full sync now."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
+        for worker in self._workers():
             worker.request_full(reason)
+
+    def retry_fatal(self, why: str) -> list[str]:
+        """Try the targets that needed the operator again; returns their names."""
+        return [w.name_label for w in self._workers() if w.retry_fatal(why)]
 
     def _on_lost(self, reason: str) -> None:
         log.warning("events may have been lost; full sync requested", extra={"fields": {"why": reason}})
@@ -227,15 +298,19 @@ class Daemon:
     # ----- health --------------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        with self._lock:
-            workers = list(self.workers.values())
+        """``/healthz``: the watcher and every worker alive, and no target needing the operator or failing
+        for longer than ``SYNC_UNHEALTHY_AFTER_S`` (see :func:`sidecar.policy.unhealthy`)."""
+        workers = self._workers()
         watcher_ok = self.watcher is None or (self.watcher.is_alive() and not self.watcher.error)
-        workers_ok = all(w.is_alive() for w in workers)
-        doc = {
-            "alive": watcher_ok and workers_ok,
+        problems = {w.name_label: p for w in workers if (p := w.health_problem())}
+        problems.update({w.name_label: "worker thread stopped" for w in workers if not w.is_alive()})
+        doc: dict[str, Any] = {
+            "alive": watcher_ok and not problems,
             "watcher": self._watcher_state(),
             "workers": {w.name_label: w.is_alive() for w in workers},
         }
+        if problems:
+            doc["unhealthy"] = problems
         return bool(doc["alive"]), doc
 
     def _watcher_state(self) -> str:
@@ -248,13 +323,10 @@ class Daemon:
         return "polling" if self.watcher.polling else "inotify"
 
     def _states(self) -> list[tuple[str, str]]:
-        with self._lock:
-            workers = list(self.workers.values())
-        return [(w.name_label, w.status()["state"]) for w in workers]
+        return [(w.name_label, w.state) for w in self._workers()]
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        with self._lock:
-            workers = list(self.workers.values())
+        workers = self._workers()
         statuses = [w.status() for w in workers]
         watcher_ok = self.cfg.mode != "watch" or (
             self.watcher is not None and self.watcher.started.is_set() and not self.watcher.error
@@ -278,6 +350,7 @@ class Daemon:
             "mode": self.cfg.mode,
             "source": self.root,
             "watcher": self._watcher_state(),
+            "sandbox": self.sandbox is not None,
             "targets": statuses,
         }
         if source_problem:
@@ -286,12 +359,44 @@ class Daemon:
             doc["note"] = "no target addresses (a dns+ssh:// name resolves to nothing yet)"
         return ok, doc
 
+    # ----- the operator's commands (control socket) ------------------------------------------------
+
+    def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            _, doc = self.ready()
+            alive, health = self.health()
+            doc["alive"] = alive
+            if "unhealthy" in health:
+                doc["unhealthy"] = health["unhealthy"]
+            for target in doc["targets"]:
+                target["latency_p95_s"] = self.metrics.latency_quantile(target["target"], 0.95)
+                target["delete_guard"] = target["state"] == "delete_guard"
+            return {"ok": True, **doc}
+        if cmd == "approve":
+            deletes, name = req.get("deletes"), req.get("target")
+            if not isinstance(deletes, int) or deletes < 1:
+                return {"ok": False, "error": "deletes must be a whole number of at least 1"}
+            chosen = [w for w in self._workers() if name in (None, w.name_label)]
+            if not chosen:
+                return {"ok": False, "error": f"no target {name}; `python -m sidecar status` lists them"}
+            for worker in chosen:
+                worker.approve(deletes)
+            log.warning(
+                "operator approved deletes for the next full sync",
+                extra={"fields": {"deletes": deletes, "targets": ",".join(w.name_label for w in chosen)}},
+            )
+            return {"ok": True, "approved": deletes, "targets": [w.name_label for w in chosen]}
+        if cmd == "retry":
+            return {"ok": True, "retried": self.retry_fatal("a passing check")}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
     # ----- run -----------------------------------------------------------------------------------
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             # Operators (and the stack test) re-resolve targets and reconcile without waiting.
-            log.info("SIGHUP: targets re-resolved and a full sync requested")
+            log.info("SIGHUP: targets re-resolved, a full sync requested, targets that needed the operator retried")
             self._hup = True
             self._wakeup.set()
             return
@@ -310,6 +415,9 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._signal)
             signal.signal(signal.SIGINT, self._signal)
             signal.signal(signal.SIGHUP, self._signal)
+            # A writer opening a file while the busy-file probe holds its lease makes the kernel send SIGIO,
+            # whose default action kills the process (a plugin appending to a log in the uploads did).
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
             self._wakeup.install_for_signals()
         log.info(
             "starting",
@@ -335,6 +443,13 @@ class Daemon:
                         f"can listen on ({exc.strerror}); pick another port or empty to disable"
                     ) from None
                 self.http.start()
+            if cfg.mode != "once":
+                self.control = ControlServer(
+                    self.runtime.dir,
+                    self._control,
+                    {"pid": os.getpid(), "source": self.root, "version": __version__},
+                )
+                self.control.start()
             if cfg.mode == "watch":
                 self.watcher = Watcher(
                     self.root,
@@ -372,6 +487,7 @@ class Daemon:
                 if has_dns:
                     self._sync_targets()
                     next_resolve = time.monotonic() + self.cfg.resolve_interval_s
+                self.retry_fatal("SIGHUP")
                 self.reconcile("SIGHUP")
             if self.cfg.mode == "once":
                 with self._lock:
@@ -405,9 +521,13 @@ class Daemon:
                     "not delivered before shutdown; the full sync at the next start covers it",
                     extra={"fields": {"target": worker.name_label, "paths": left}},
                 )
-            worker.link.close()
+            worker.transport.link.close()
         if self.http is not None:
             self.http.close()
+        if self.control is not None:
+            self.control.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
         self.runtime.close()
         self._wakeup.close()
         log.info("stopped")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,7 +62,14 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would drown the batch lines
 
-        self.server = ThreadingHTTPServer(addr, Handler)
+        class Server(ThreadingHTTPServer):
+            # The family of the address asked for: "[::]:9110" (dual-stack on Linux) or "[::1]:9110" need an
+            # IPv6 socket, which ThreadingHTTPServer never makes on its own.
+            address_family = socket.getaddrinfo(
+                addr[0] or None, addr[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0][0]
+
+        self.server = Server(addr[:2], Handler)
         self.server.daemon_threads = True
         self.address = self.server.server_address
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)

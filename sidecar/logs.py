@@ -17,11 +17,31 @@ __all__ = ["get", "setup"]
 _ROOT = "upsync"
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _fmt_value(value: Any) -> str:
+    """A field value on one line: quoted (and escaped) when it has spaces, quotes, ``=`` or anything that is
+    not printable. File names come from whoever writes the uploads: a name holding a newline, an escape
+    sequence for the terminal or a bidi override must not forge or hide log lines.
+
+    Example:
+        >>> _fmt_value("plain.jpg"), _fmt_value("a b"), _fmt_value("x\\x1b[2Jy\\u202e")
+        ('plain.jpg', '"a b"', '"x\\\\x1b[2Jy\\\\u202e"')
+    """
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    if text and all(c.isprintable() and c not in ' "=\\' for c in text):
+        return text
+    return '"' + "".join(_escape(c) for c in text) + '"'
 
 
 class _TextFormatter(logging.Formatter):

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 
-__all__ = ["REASONS", "STATES", "Metrics"]
+__all__ = ["REASONS", "STATES", "Metrics", "histogram_quantile"]
 
 # A target's state, as /readyz names it; upsync_target_state has one series per state, 1 for the current one.
 STATES = ("starting", "ok", "failing", "delete_guard", "fatal")
@@ -36,11 +36,35 @@ REASONS = (
     "disk_full",
     "target_path",
     "rejected",
+    "protocol",
     "usage",
     "delete_guard",
     "source_guard",
     "error",
 )
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over ``(upper bound, cumulative count)`` pairs.
+
+    Example:
+        >>> histogram_quantile(0.5, [(0.1, 0.0), (0.2, 10.0), (float("inf"), 10.0)])
+        0.15
+    """
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound  # beyond the last finite bucket: its bound is the best estimate
+            if count == lower_count:
+                return bound
+            return round(lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count), 6)
+        lower_bound, lower_count = bound, count
+    return None
 
 
 class _StateCollector(Collector):
@@ -122,6 +146,16 @@ class Metrics:
         """Compute ``upsync_ready`` and ``upsync_target_state`` at every scrape from these callbacks."""
         self.ready.set_function(lambda: 1.0 if ready() else 0.0)
         self.registry.register(_StateCollector(states))
+
+    def latency_quantile(self, target: str, q: float) -> float | None:
+        """The ``q`` quantile of a target's replication latency since start, interpolated within the
+        histogram's buckets as Prometheus' ``histogram_quantile`` does (None before the first observation)."""
+        buckets: list[tuple[float, float]] = []
+        for metric in self.latency.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("target") == target:
+                    buckets.append((float(sample.labels["le"]), sample.value))
+        return histogram_quantile(q, buckets)
 
     def forget(self, target: str) -> None:
         """Drop the per-target series of a target that went away (a web node scaled down)."""

@@ -1,17 +1,24 @@
-"""Turn a set of changed paths into one rsync file list: what to send, what to delete, what to hold back.
+"""Turn a set of changed paths into one plan: what to send, what to remove on the targets, what to hold back.
 
 What is on disk now decides, not the event kinds (they only hint):
 
-* an existing file or symlink is sent;
-* an existing directory is sent with everything in it when it is new (files can land in a new
-  directory before its watch exists), and skipped when only its metadata changed;
-* a missing path is a delete; only its topmost missing ancestor is listed (rsync ``--force``
-  removes a directory with its contents);
-* a file that is still open for writing is held back (see :func:`open_for_writing`), so the target
-  never serves half a file; FIFOs, sockets, devices, unreadable files and symlinks pointing out of
-  the tree are skipped and reported.
+* an existing file or in-tree symlink is sent;
+* an existing directory is sent with everything in it when it is new (files can land in a new directory
+  before its watch exists), and skipped when only its metadata changed;
+* a missing path is removed on the target; only its topmost missing ancestor is listed (the delete of a
+  directory takes what is below);
+* a path that must not be on the targets although it is in the source is *retracted*: a symlink pointing out
+  of the tree (never followed, never copied: the target's old copy goes, nothing from outside arrives) and a
+  FIFO, socket or device;
+* a file that is still open for writing is held back (see :func:`open_for_writing`), so the target never
+  serves half a file; unreadable files are skipped and reported (neither sent nor removed);
+* ``SYNC_EXCLUDE``d paths, and everything below an excluded directory, are neither sent nor removed.
 
-No rsync recursion is used for batches: every path is listed, so a change never costs a tree walk.
+Every lookup goes through :class:`~sidecar.paths.SafeTree`: no symlink is followed on the way to a path. A
+path below a parent that became a symlink or a file is planned as that parent. No rsync recursion is used
+for batches: every path is listed, so a change never costs a tree walk.
+
+A plan depends only on the source, so one plan serves every target (:class:`SharedPlans`).
 """
 
 from __future__ import annotations
@@ -20,41 +27,52 @@ import errno
 import fcntl
 import os
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .batch import ADDED, DELETED
+from .filters import Excludes
+from .paths import Blocked, SafeTree
 
-__all__ = ["Plan", "make_plan", "open_for_writing", "parents"]
+__all__ = ["Plan", "Planner", "SharedPlans", "make_plan", "open_for_writing", "parents"]
 
-BusyProbe = Callable[[str], bool | None]
+# Given a SafeTree and a path: True (open for writing), False, or None (cannot tell).
+BusyProbe = Callable[[SafeTree, str], "bool | None"]
 
 
 @dataclass
 class Plan:
-    """One batch for one target.
+    """One batch, for every target.
 
     Attributes:
         send: existing paths to send (relative to the source).
-        delete: missing paths whose target copy is removed.
+        delete: paths gone from the source, removed on the target (topmost only).
+        retract: paths still in the source that must not be on the target (removed there too).
         busy: files still open for writing, held back for a later batch.
         skipped: ``(path, reason)`` for paths that are never sent.
-        too_many: the plan grew past the limit given to :func:`make_plan`: do a full sync instead.
+        too_many: the plan grew past its limit: a full sync is cheaper.
     """
 
     send: list[str] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    retract: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     too_many: bool = False
 
-    def files_from(self, deletes: bool = True) -> bytes:
-        """The NUL-separated list for ``rsync --from0 --files-from=-``."""
-        paths = self.send + (self.delete if deletes else [])
-        return b"".join(os.fsencode(p) + b"\0" for p in sorted(paths))
+    @property
+    def removals(self) -> list[str]:
+        """Everything this plan removes on a target."""
+        return sorted(self.delete + self.retract)
+
+    def files_from(self) -> bytes:
+        """The sends, NUL-separated, for ``rsync --from0 --files-from=-``."""
+        return b"".join(os.fsencode(p) + b"\0" for p in sorted(self.send))
 
     def __bool__(self) -> bool:
-        return bool(self.send or self.delete)
+        return bool(self.send or self.delete or self.retract)
 
 
 def parents(path: str) -> Iterable[str]:
@@ -69,19 +87,21 @@ def parents(path: str) -> Iterable[str]:
         yield path
 
 
-def open_for_writing(path: str) -> bool | None:
-    """Whether any process on this machine has ``path`` open for writing.
+def open_for_writing(tree: SafeTree, rel: str) -> bool | None:
+    """Whether any process on this machine has ``rel`` open for writing.
 
-    Uses a read lease (``F_SETLEASE``), which the kernel refuses while a writer holds the file open,
-    across containers too. Needs the file's owner uid or ``CAP_LEASE``.
+    Uses a read lease (``F_SETLEASE``), which the kernel refuses while a writer holds the file open, across
+    containers too. Needs the file's owner uid or ``CAP_LEASE``. A writer opening the file while we hold the
+    lease makes the kernel send SIGIO to this process: the daemon ignores SIGIO (its default action kills).
 
     Returns:
         True or False, or None when this process may not take leases on the file (not its owner).
 
     Raises:
         OSError: the file cannot be opened for reading (unreadable, vanished): rsync could not send it.
+        Blocked: a parent is not a directory.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    fd = tree.open_file(rel)
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)  # closing the fd below releases it
         return False
@@ -93,9 +113,14 @@ def open_for_writing(path: str) -> bool | None:
         os.close(fd)
 
 
-def _symlink_escapes(root: str, rel: str) -> bool:
-    target = os.readlink(os.path.join(root, rel))
-    if target.startswith("/"):
+def symlink_escapes(rel: str, target: str) -> bool:
+    """Does a symlink at ``rel`` with this ``target`` point outside the tree (rsync's ``--safe-links`` test)?
+
+    Example:
+        >>> symlink_escapes("a/l", "../b"), symlink_escapes("a/l", "../../b"), symlink_escapes("l", "/etc")
+        (False, True, True)
+    """
+    if target.startswith("/") or not target:
         return True
     depth = rel.count("/")
     for part in target.split("/"):
@@ -108,107 +133,194 @@ def _symlink_escapes(root: str, rel: str) -> bool:
     return False
 
 
-class _Planner:
-    def __init__(self, root: str, probe: BusyProbe | None, limit: int) -> None:
+class Planner:
+    """Plans batches for one source.
+
+    Args:
+        root: the source directory.
+        excludes: ``SYNC_EXCLUDE``.
+        probe: tells whether a file is still open for writing (None: never hold files back).
+        limit: give up (``plan.too_many``) past this many listed paths.
+    """
+
+    def __init__(
+        self, root: str, excludes: Excludes, probe: BusyProbe | None = open_for_writing, limit: int = 1_000_000
+    ) -> None:
         self.root = root
+        self.excludes = excludes
         self.probe = probe
         self.limit = limit
+        self.probe_unsupported = False  # set once a probe answered "cannot tell" (not the files' owner)
+
+    def plan(self, changes: Mapping[str, int]) -> Plan:
+        with SafeTree(self.root) as tree:
+            return _Pass(self, tree).run(changes)
+
+
+class _Pass:
+    def __init__(self, planner: Planner, tree: SafeTree) -> None:
+        self.p = planner
+        self.tree = tree
         self.plan = Plan()
-        self.sent: set[str] = set()
-        self.handled: set[str] = set()  # leaves already sent, held back or skipped
+        self.handled: set[str] = set()  # paths sent, retracted, held back or skipped
         self.deleted: set[str] = set()
 
+    def run(self, changes: Mapping[str, int]) -> Plan:
+        # Shallow paths first, so a new directory's walk covers the events below it.
+        for rel in sorted(changes, key=lambda p: (p.count("/"), p)):
+            if self.full():
+                break
+            if not rel or rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+                continue
+            if rel not in self.handled:
+                self.change(rel, changes[rel])
+        plan = self.plan
+        # A removal below another removal, or below a path being sent whole, is covered by it.
+        covering = set(self.deleted) | set(plan.retract)
+        plan.delete = sorted(d for d in self.deleted if not any(a in covering for a in parents(d)))
+        plan.retract = sorted(r for r in plan.retract if not any(a in covering for a in parents(r)))
+        return plan
+
     def full(self) -> bool:
-        if len(self.sent) + len(self.deleted) > self.limit:
+        if len(self.handled) + len(self.deleted) > self.p.limit:
             self.plan.too_many = True
         return self.plan.too_many
 
-    def add_existing(self, rel: str, st: os.stat_result, flags: int) -> None:
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
+    def change(self, rel: str, flags: int) -> None:
+        try:
+            st = self.tree.lstat(rel)
+        except FileNotFoundError:
+            self.missing(rel)
+            return
+        except Blocked as exc:
+            self.blocked(exc.parent)
+            return
+        except OSError as exc:
+            self.report(rel, exc)
+            return
+        if self.p.excludes.excluded(rel, stat.S_ISDIR(st.st_mode)):
+            return
+        if stat.S_ISDIR(st.st_mode):
             # A new directory (or one moved in: watchfiles can label that a delete) is sent whole.
             if flags & (ADDED | DELETED):
-                self.add_tree(rel)
+                self.walk(rel)
             return
-        self.add_leaf(rel, mode)
+        self.leaf(rel, st.st_mode)
 
-    def add_leaf(self, rel: str, mode: int, path: str = "") -> None:
+    def blocked(self, parent: str) -> None:
+        """A parent became a symlink or a file: that parent is what changed (it replaces the old directory)."""
+        if parent in self.handled:
+            return
+        try:
+            st = self.tree.lstat(parent)
+        except Blocked as exc:
+            self.blocked(exc.parent)
+            return
+        except FileNotFoundError:
+            self.missing(parent)
+            return
+        except OSError as exc:
+            self.report(parent, exc)
+            return
+        if not self.p.excludes.excluded(parent, stat.S_ISDIR(st.st_mode)):
+            self.leaf(parent, st.st_mode)
+
+    def leaf(self, rel: str, mode: int) -> None:
         if rel in self.handled:
             return
         self.handled.add(rel)
-        path = path or f"{self.root}/{rel}"
         if stat.S_ISREG(mode):
-            if self.probe is None:
-                if not os.access(path, os.R_OK):
-                    self.plan.skipped.append((rel, "unreadable"))
-                    return
-            else:
-                try:
-                    busy = self.probe(path)  # opens the file: an unreadable one fails here
-                except OSError as exc:
-                    self.report(rel, exc)
-                    return
-                if busy:
-                    self.plan.busy.append(rel)
-                    return
+            if not self.readable(rel):
+                return
         elif stat.S_ISLNK(mode):
             try:
-                if _symlink_escapes(self.root, rel):
-                    self.plan.skipped.append((rel, "symlink points outside the source"))
-                    return
-            except OSError:
+                escapes = symlink_escapes(rel, self.tree.readlink(rel))
+            except (OSError, Blocked):
                 return  # vanished meanwhile: the watcher reports the delete
+            if escapes:
+                self.plan.skipped.append((rel, "symlink points outside the source"))
+                self.plan.retract.append(rel)
+                return
         elif not stat.S_ISDIR(mode):
             self.plan.skipped.append((rel, "not a regular file, directory or symlink"))
+            self.plan.retract.append(rel)
             return
-        self.sent.add(rel)
         self.plan.send.append(rel)
 
-    def add_tree(self, rel: str) -> None:
+    def readable(self, rel: str) -> bool:
+        """Probe a regular file: held back while being written, skipped if unreadable."""
+        probe = self.p.probe
+        try:
+            if probe is None:
+                os.close(self.tree.open_file(rel))  # an unreadable file fails here
+                return True
+            busy = probe(self.tree, rel)
+        except Blocked:
+            return False  # raced: the watcher reports the parent's change
+        except OSError as exc:
+            self.report(rel, exc)
+            return False
+        if busy is None:
+            self.p.probe_unsupported = True
+        if busy:
+            self.plan.busy.append(rel)
+            return False
+        return True
+
+    def walk(self, rel: str) -> None:
         """A directory and, recursively, everything in it (an explicit list: no rsync recursion)."""
-        if rel in self.sent:
-            return  # inside a directory walked already
         stack = [rel]
         while stack and not self.full():
             current = stack.pop()
-            if current in self.sent:
+            if current in self.handled:
                 continue
-            self.sent.add(current)
+            self.handled.add(current)
             self.plan.send.append(current)
             try:
-                with os.scandir(f"{self.root}/{current}") as it:
-                    entries = list(it)
+                entries = list(self.tree.scandir(current))
+            except Blocked:
+                continue  # replaced by a symlink meanwhile: never followed; the watcher reports it
             except OSError as exc:
                 self.report(current, exc)
                 continue
-            for entry in entries:
+            for name, st in entries:
                 if self.full():
                     return
-                child = f"{current}/{entry.name}"
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as exc:
-                    self.report(child, exc)
+                child = f"{current}/{name}"
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if self.p.excludes.excluded(child, is_dir):
                     continue
-                if stat.S_ISDIR(st.st_mode):
+                if is_dir:
                     stack.append(child)
                 else:
-                    self.add_leaf(child, st.st_mode, entry.path)
+                    self.leaf(child, st.st_mode)
 
     def report(self, rel: str, exc: OSError) -> None:
         """A path that cannot be read is skipped and said so; one that vanished meanwhile is not news."""
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return  # the watcher reports the delete
         why = "unreadable" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or "cannot read")
+        self.handled.add(rel)
         self.plan.skipped.append((rel, why))
 
-    def add_missing(self, rel: str) -> None:
-        # List the topmost missing ancestor only: deleting it removes everything below.
+    def missing(self, rel: str) -> None:
+        # Remove the topmost missing ancestor only: its delete removes everything below.
         top = rel
         for parent in parents(rel):
-            if os.path.lexists(os.path.join(self.root, parent)):
+            try:
+                self.tree.lstat(parent)
                 break
-            top = parent
+            except FileNotFoundError:
+                top = parent
+            except Blocked as exc:
+                self.blocked(exc.parent)  # a file or symlink where a directory was: it replaces the tree
+                return
+            except OSError as exc:
+                self.report(parent, exc)
+                return
+        # Excluded paths are never removed; a missing one's type is unknown, so either reading counts.
+        if self.p.excludes.excluded(top, True) or self.p.excludes.excluded(top, False):
+            return
         self.deleted.add(top)
 
 
@@ -218,14 +330,9 @@ def make_plan(
     *,
     probe_busy: BusyProbe | None = open_for_writing,
     limit: int = 1_000_000,
+    excludes: Excludes | None = None,
 ) -> Plan:
-    """Plan one batch.
-
-    Args:
-        changes: relative path -> flags (:data:`~sidecar.batch.ADDED` ...), from :class:`~sidecar.batch.Pending`.
-        root: the source directory.
-        probe_busy: tells whether a file is still open for writing (None: never hold files back).
-        limit: give up (``plan.too_many``) past this many listed paths; a full sync is cheaper then.
+    """Plan one batch (see :class:`Planner`).
 
     Example:
         >>> import tempfile, pathlib
@@ -235,25 +342,51 @@ def make_plan(
         >>> p.send, p.delete
         (['new', 'new/f'], ['gone'])
     """
-    planner = _Planner(root, probe_busy, limit)
-    # Shallow paths first, so a new directory's walk covers the events below it.
-    for rel in sorted(changes, key=lambda p: (p.count("/"), p)):
-        if planner.full():
-            break
-        if not rel or rel.startswith("/") or ".." in rel.split("/"):
-            continue
-        if rel in planner.handled or rel in planner.sent:
-            continue  # inside a new directory walked already
-        try:
-            st = os.lstat(f"{root}/{rel}")
-        except (FileNotFoundError, NotADirectoryError):
-            planner.add_missing(rel)
-            continue
-        except OSError as exc:
-            planner.plan.skipped.append((rel, exc.strerror or "cannot stat"))
-            continue
-        planner.add_existing(rel, st, changes[rel])
-    plan = planner.plan
-    # A delete under another delete is covered by it.
-    plan.delete = sorted(d for d in planner.deleted if not any(p in planner.deleted for p in parents(d)))
-    return plan
+    return Planner(root, excludes or Excludes(()), probe_busy, limit).plan(changes)
+
+
+class SharedPlans:
+    """One plan per watcher batch, made by the first target that asks and reused by the others.
+
+    A plan reflects the source at the moment it was made; a target that uses it a little later is in the
+    same place as one that planned then (every later change arrives in a later batch). A target that holds
+    more than one batch (it was behind, or retries) plans on its own.
+
+    Args:
+        planner: makes the plans.
+        keep: how many recent batch plans to keep.
+    """
+
+    def __init__(self, planner: Planner, keep: int = 64) -> None:
+        self.planner = planner
+        self.keep = keep
+        self._plans: OrderedDict[int, tuple[threading.Lock, list[Plan]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.made = 0  # plans made (for tests and metrics)
+
+    def get(self, batch: int | None, changes: Mapping[str, int]) -> Plan:
+        """The plan of watcher batch ``batch`` (None: a private plan of ``changes``)."""
+        if batch is None:
+            return self._make(changes)
+        with self._lock:
+            entry = self._plans.get(batch)
+            if entry is None:
+                entry = self._plans[batch] = (threading.Lock(), [])
+                while len(self._plans) > self.keep:
+                    self._plans.popitem(last=False)
+        lock, made = entry
+        with lock:  # the others wait for the first, instead of planning the same batch again
+            if not made:
+                made.append(self._make(changes))
+            return _copy(made[0])
+
+    def _make(self, changes: Mapping[str, int]) -> Plan:
+        self.made += 1
+        return self.planner.plan(changes)
+
+
+def _copy(plan: Plan) -> Plan:
+    """Each target gets its own lists (a worker adds overdue busy files to its sends)."""
+    return Plan(
+        list(plan.send), list(plan.delete), list(plan.retract), list(plan.busy), list(plan.skipped), plan.too_many
+    )

@@ -1,8 +1,19 @@
 """Build rsync command lines, run them, and classify how they ended.
 
-Every option used here is accepted by a target account restricted with ``rrsync -wo``: nothing needs
-a remote shell. Files land through rsync's temporary file and rename (never ``--inplace``), so a
-reader never sees half a file; symlinks that point outside the tree are not copied (``--safe-links``).
+Every option used here is accepted by a target account restricted with ``rrsync -wo``: nothing needs a
+remote shell. Files land through rsync's temporary file and rename (never ``--inplace``), so a reader never
+sees half a file; symlinks that point outside the tree are never copied (``--safe-links``, and the planner
+retracts them).
+
+Removals take one of two forms (:data:`MISSING_ARGS`, :data:`RULES`). ``--delete-missing-args`` lists the
+missing paths, needs no directory scan, and is what rsync >= 3.4 receivers take; Debian 12's own rsync
+3.2.7 (and other 3.2.x) rejects such entries below an existing directory (``invalid file mode 00``,
+protocol incompatibility), so for those receivers, and for paths still present in the source, removals are
+``--delete`` scoped by filter rules (:func:`sidecar.filters.delete_rules`), which every rsync takes. Which
+one a receiver takes is found out by :meth:`Rsync.probe_args`, a harmless dry run, on each new connection.
+
+Every removal is counted first with a dry run (``-n``, rsync counts what is below a deleted directory too),
+so a sync over the delete guard's limits deletes nothing at all.
 """
 
 from __future__ import annotations
@@ -12,28 +23,57 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from .filters import Excludes
+
 __all__ = [
+    "MISSING_ARGS",
+    "RULES",
     "Outcome",
     "Result",
     "Rsync",
+    "Slots",
     "Stats",
     "classify",
-    "parse_skipped_deletes",
+    "parse_itemized",
     "parse_stats",
+    "receiver_version",
     "skipped_paths",
 ]
+
+MISSING_ARGS = "missing-args"
+RULES = "rules"
+# A dry run below an existing directory: the entry 3.2.x receivers reject. Made in an empty private
+# directory, so nothing is read from the source and nothing is written on the target.
+PROBE_DIR = ".upsync-probe"
+PROBE_NAME = f"{PROBE_DIR}/missing"
 
 
 @dataclass(frozen=True)
 class Stats:
-    """What one rsync run moved (from ``--stats``)."""
+    """What one rsync run moved or would move (from ``--stats``).
+
+    Attributes:
+        files: regular files transferred.
+        bytes: their size.
+        deleted: entries deleted on the receiver (files and directories, everything below included).
+        created: entries created on the receiver.
+        total: entries in the sender's list (files, directories, links).
+    """
 
     files: int = 0
     bytes: int = 0
     deleted: int = 0
+    created: int = 0
+    total: int = 0
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, int, int, int, int]:
+        return (self.files, self.bytes, self.deleted, self.created, self.total)
 
 
 @dataclass(frozen=True)
@@ -70,26 +110,51 @@ _STAT_RE = {
     "files": re.compile(r"^Number of regular files transferred: ([\d,.]+)", re.M),
     "bytes": re.compile(r"^Total transferred file size: ([\d,.]+)", re.M),
     "deleted": re.compile(r"^Number of deleted files: ([\d,.]+)", re.M),
+    "created": re.compile(r"^Number of created files: ([\d,.]+)", re.M),
+    "total": re.compile(r"^Number of files: ([\d,.]+)", re.M),
 }
-_SKIPPED_DELETES = re.compile(r"Deletions stopped due to --max-delete limit \(([\d,.]+) skipped\)")
+_NO_DELETES = "IO error encountered -- skipping file deletion"
+_VERSION = re.compile(r"\[(?:Receiver|receiver|server|generator)=([0-9][0-9A-Za-z.+~-]*)\]")
 
 
 def parse_stats(stdout: str) -> Stats:
     """Parse rsync's ``--stats`` block.
 
     Example:
-        >>> parse_stats("Number of deleted files: 2 (reg: 2)\\nNumber of regular files transferred: 1,204\\n"
+        >>> parse_stats("Number of files: 9 (reg: 8, dir: 1)\\nNumber of created files: 2\\n"
+        ...             "Number of deleted files: 2 (reg: 2)\\nNumber of regular files transferred: 1,204\\n"
         ...             "Total transferred file size: 65,536 bytes\\n")
-        Stats(files=1204, bytes=65536, deleted=2)
+        Stats(files=1204, bytes=65536, deleted=2, created=2, total=9)
     """
     found = {k: _num(m.group(1)) for k, rx in _STAT_RE.items() if (m := rx.search(stdout))}
     return Stats(**found)
 
 
-def parse_skipped_deletes(text: str) -> int | None:
-    """How many deletions ``--max-delete`` held back, or None if it did not stop any."""
-    match = _SKIPPED_DELETES.search(text)
-    return _num(match.group(1)) if match else None
+def parse_itemized(stdout: str) -> tuple[list[str], list[str]]:
+    """(files sent, paths deleted) from ``--out-format='%i %n'`` lines.
+
+    Example:
+        >>> parse_itemized("<f+++++++++ 2026/a.jpg\\n*deleting   old/\\ncd+++++++++ 2026/\\nNumber of files: 2\\n")
+        (['2026/a.jpg'], ['old/'])
+    """
+    sent, deleted = [], []
+    for line in stdout.splitlines():
+        if line.startswith("*deleting"):
+            deleted.append(line[len("*deleting") :].strip())
+        elif len(line) > 12 and line[0] in "<>" and line[1] == "f" and line[11] == " ":
+            sent.append(line[12:])
+    return sent, deleted
+
+
+def receiver_version(stderr: str) -> str:
+    """The receiver's rsync version when it named it (rsync prints it only in its own error lines).
+
+    Example:
+        >>> receiver_version("rsync error: protocol incompatibility (code 2) at flist.c(874) [Receiver=3.2.7]")
+        '3.2.7'
+    """
+    m = _VERSION.search(stderr)
+    return m.group(1) if m else ""
 
 
 def _summary(stderr: str) -> str:
@@ -100,7 +165,7 @@ def _summary(stderr: str) -> str:
         lines = [ln for ln in lines if ln not in frames and not ln.startswith(("lock_", "fd =", "os."))]
     useful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
     text = " | ".join(dict.fromkeys(useful[:4]))
-    return text[:600]
+    return "".join(c if c.isprintable() else "?" for c in text[:600])
 
 
 # Source paths rsync could not read: skipped and reported, not worth a retry (a retry would fail alike).
@@ -156,6 +221,13 @@ def classify(returncode: int, stderr: str) -> Outcome:
             return Outcome("retry", "busy", "another rsync is writing to this target (rrsync lock): " + msg)
         if "Restricted directory does not exist" in stderr or "FileNotFoundError" in stderr:
             return Outcome("fatal", "target_path", "the target's rrsync directory does not exist: " + msg)
+        if re.search(r"option --(delete|remove)\S* has been disabled", stderr):
+            return Outcome(
+                "fatal",
+                "rejected",
+                "the target refuses deletes (rrsync -no-del in its authorized_keys command): remove -no-del there, "
+                "or set SYNC_DELETE=false here: " + msg,
+            )
         return Outcome("fatal", "rejected", "the target's rrsync refused the transfer: " + msg)
     if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
         return Outcome("retry", "host_key", msg)
@@ -172,6 +244,13 @@ def classify(returncode: int, stderr: str) -> Outcome:
         if errors and all(_SENDER_SKIP.match(e) or "some files/attrs were not transferred" in e for e in errors):
             return Outcome("skipped", "", msg)
         return Outcome("retry", "partial", msg)
+    if returncode == 2 and ("invalid file mode" in stderr or "protocol incompatibility" in stderr):
+        version = receiver_version(stderr)
+        return Outcome(
+            "fatal",
+            "protocol",
+            f"the receiver (rsync {version or 'of another version'}) does not understand this transfer: {msg}",
+        )
     if returncode in (1, 2, 4):
         return Outcome("fatal", "usage", msg or f"rsync exited {returncode} (usage error)")
     if returncode == 3:
@@ -183,6 +262,41 @@ def classify(returncode: int, stderr: str) -> Outcome:
     return Outcome("retry", "error", msg or f"rsync exited {returncode}")
 
 
+def deletions_skipped(stderr: str) -> bool:
+    """rsync skipped every deletion because the sender hit an I/O error (an unreadable directory)."""
+    return _NO_DELETES in stderr
+
+
+class Slots:
+    """A bound on rsync runs using the CPU at once (``SYNC_MAX_PARALLEL``), so 64 targets do not thrash two
+    cores. A run holds its slot for at most ``hold_s``: a long full sync or a transfer stuck on a dead node
+    is waiting on the network, not using the CPU, and must not make other targets wait.
+
+    Args:
+        size: runs at once (at least 1).
+        hold_s: longest a run keeps its slot.
+    """
+
+    def __init__(self, size: int, hold_s: float = 1.0) -> None:
+        self.size = max(1, size)
+        self.hold_s = hold_s
+        self._sem = threading.BoundedSemaphore(self.size)
+
+    def acquire(self) -> Callable[[], None]:
+        """Take a slot; returns its (idempotent) release."""
+        self._sem.acquire()
+        lock = threading.Lock()
+        held = [True]
+
+        def release() -> None:
+            with lock:
+                if held[0]:
+                    held[0] = False
+                    self._sem.release()
+
+        return release
+
+
 class Rsync:
     """rsync invocations for one target.
 
@@ -191,15 +305,26 @@ class Rsync:
         dest: ``user@host:/path/``.
         shell: the ``-e`` value (the multiplexed ssh).
         chmod: ``--chmod`` rules ('' keeps the source's modes).
-        excludes: rsync exclude patterns.
+        excludes: ``SYNC_EXCLUDE``.
         io_timeout: ``--timeout`` seconds.
+        preexec: gives the function each rsync child runs before exec (the sandbox's), or None.
+        slots: bounds runs across targets, or None.
     """
 
     def __init__(
-        self, source: str, dest: str, shell: str, chmod: str, excludes: Sequence[str], io_timeout: int
+        self,
+        source: str,
+        dest: str,
+        shell: str,
+        chmod: str,
+        excludes: Excludes,
+        io_timeout: int,
+        preexec: Callable[[], Callable[[], None]] | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.source = source.rstrip("/") + "/"
         self.dest = dest
+        self.excludes = excludes
         common = ["rsync", "-e", shell, "--links", "--safe-links", "--times", "--omit-dir-times", "--perms"]
         # Uploads (images, media) do not change by a few blocks: rsync's delta algorithm would only cost
         # a read and checksum of the target's old copy. Whole files are faster on any LAN.
@@ -207,56 +332,104 @@ class Rsync:
         if chmod:
             common.append(f"--chmod={chmod}")
         common += [f"--timeout={io_timeout}", "--stats"]
-        common += [f"--exclude={pattern}" for pattern in excludes]
         self._common = common
+        self.preexec = preexec
+        self.slots = slots
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._aborted = False
 
-    def batch_args(self, delete: bool, max_delete: int) -> list[str]:
-        """Send exactly the listed paths (NUL-separated on stdin); missing ones are deleted."""
+    # ----- command lines -----------------------------------------------------------------------------
+
+    def send_args(self) -> list[str]:
+        """Send exactly the listed paths (NUL-separated on stdin); a path gone meanwhile is skipped."""
         # --ignore-times: every listed path did change. rsync's quick check compares whole seconds
         # (rrsync refuses the nanosecond --modify-window), so a same-size rewrite within the second
-        # the previous copy was made would otherwise be skipped.
-        args = [*self._common, "--from0", "--files-from=-", "--ignore-times"]
-        if delete:
-            args += ["--delete-missing-args", "--force", f"--max-delete={max_delete}"]
+        # the previous copy was made would otherwise be skipped. --force: a directory on the target that
+        # is a file now is replaced.
+        args = [*self._common, *self.excludes.rsync_args(), "--from0", "--files-from=-", "--ignore-times"]
+        return [*args, "--ignore-missing-args", "--force", self.source, self.dest]
+
+    def remove_args(self, method: str, count_only: bool, max_delete: int = 0) -> list[str]:
+        """Remove paths on the target: listed on stdin (:data:`MISSING_ARGS`, NUL-separated missing paths)
+        or by rules on stdin (:data:`RULES`, :func:`sidecar.filters.delete_rules`).
+        ``count_only``: a dry run whose ``--stats`` count what would go."""
+        args = [*self._common, *self.excludes.rsync_args(), "--from0"]
+        if method == MISSING_ARGS:
+            args += ["--files-from=-", "--delete-missing-args", "--force"]
         else:
-            args.append("--ignore-missing-args")
+            args += ["--recursive", "--delete", "--filter=merge -"]
+        args += ["--dry-run"] if count_only else [f"--max-delete={max_delete}"]
         return [*args, self.source, self.dest]
 
-    def full_args(self, delete: bool, max_delete: int) -> list[str]:
-        """The whole tree; ``max_delete=0`` counts the deletions it would make without making any.
-
-        Unchanged files are skipped by size and modification time (whole seconds), as in any rsync.
-        """
-        args = [*self._common, "--recursive"]
+    def full_args(self, delete: bool, count_only: bool, max_delete: int = 0, itemize: bool = False) -> list[str]:
+        """The whole tree, with this run's own rules on stdin (unreadable directories kept out, paths to
+        retract hidden from the sender). Unchanged files are skipped by size and modification time (whole
+        seconds), as in any rsync. ``count_only``: a dry run counting what a delete would remove;
+        ``itemize``: one line per change (see :func:`parse_itemized`)."""
+        args = [*self._common, *[f"--exclude={p}" for p in self.excludes.patterns], "--recursive"]
+        if itemize:
+            args.append("--out-format=%i %n")
+        args += ["--from0", "--filter=merge -"]
         if delete:
-            args += ["--delete", f"--max-delete={max_delete}"]
+            args.append("--delete")
+            args += ["--dry-run"] if count_only else [f"--max-delete={max_delete}"]
+        elif count_only:
+            args.append("--dry-run")
         return [*args, self.source, self.dest]
 
-    def run(self, args: list[str], stdin: bytes = b"") -> Result:
-        """Run rsync to the end (or until :meth:`abort`)."""
+    def probe_args(self, empty_dir: str) -> list[str]:
+        """A dry run that only a receiver taking ``--delete-missing-args`` below a directory survives.
+
+        Run with ``PROBE_NAME`` on stdin from ``empty_dir`` (which holds an empty ``PROBE_DIR``)."""
+        return [
+            *self._common,
+            "--from0",
+            "--files-from=-",
+            "--delete-missing-args",
+            "--dry-run",
+            empty_dir.rstrip("/") + "/",
+            self.dest,
+        ]
+
+    # ----- running -----------------------------------------------------------------------------------
+
+    def run(self, args: list[str], stdin: bytes = b"", sandboxed: bool = True) -> Result:
+        """Run rsync to the end (or until :meth:`abort`), in the sandbox and within the slots."""
         start = time.monotonic()
         env = dict(os.environ, LC_ALL="C")
-        with self._lock:
-            if self._aborted:
-                return Result(20, "", "aborted: shutting down", 0.0)
-            # Own session: a terminal's Ctrl-C must not kill the transfer we flush on shutdown.
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-            self._proc = proc
+        preexec = self.preexec() if sandboxed and self.preexec else None
+        release = self.slots.acquire() if self.slots else (lambda: None)
         try:
-            out, err = proc.communicate(stdin)
-        finally:
             with self._lock:
-                self._proc = None
+                if self._aborted:
+                    return Result(20, "", "aborted: shutting down", 0.0)
+                # Own session: a terminal's Ctrl-C must not kill the transfer we flush on shutdown.
+                proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=preexec,  # only two system calls in the child: see sidecar.sandbox
+                )
+                self._proc = proc
+            # After hold_s the run is waiting on the network, not the CPU: its slot goes to another target.
+            # (A timer, not communicate(timeout=): communicate cannot resume writing stdin after a timeout.)
+            timer = threading.Timer(self.slots.hold_s, release) if self.slots else None
+            if timer:
+                timer.daemon = True
+                timer.start()
+            try:
+                out, err = proc.communicate(stdin)
+            finally:
+                if timer:
+                    timer.cancel()
+                with self._lock:
+                    self._proc = None
+        finally:
+            release()
         return Result(
             proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - start
         )

@@ -162,12 +162,34 @@ def describe_ssh_failure(target: Target, stderr: str, known_hosts: Path, key: Pa
         load = next((ln.strip() for ln in text.splitlines() if "Load key" in ln), _last_line(text))
         return SshError("auth", f"ssh cannot use the key {key}: {load}")
     if "Permission denied" in text or "Too many authentication failures" in text:
+        # The client cannot tell why; the target's sshd log does (journalctl -u ssh, or the container's log).
         return SshError(
             "auth",
-            f"{target.user}@{where} refused the key {key} ({_last_line(text)}); add its "
-            f"public key to that account's authorized_keys",
+            f"{target.user}@{where} refused the key {key} ({_last_line(text)}); the target's sshd log says "
+            f"which of these it is: the key is not in {target.user}'s authorized_keys (add "
+            f"'command=\"/usr/bin/rrsync -wo DIR\",restrict {_public_key(key)}'), the account is locked "
+            f"(\"account is locked\": usermod -p '*' {target.user}, not '!'), or authorized_keys or a directory "
+            'above it has the wrong owner or mode ("bad ownership or modes": owned by root or the account, '
+            "not writable by group or others)",
         )
     return SshError("network", f"cannot reach {where}: {_last_line(text) or 'ssh exited without a message'}")
+
+
+def _public_key(key: Path) -> str:
+    """The public half of ``key`` as an authorized_keys entry ("ssh-ed25519 AAAA..."), or a placeholder."""
+    try:
+        with open(key, "rb") as fh:
+            proc = subprocess.run(
+                ["ssh-keygen", "-y", "-P", "", "-f", "/dev/stdin"],
+                stdin=fh,
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+    except (OSError, subprocess.TimeoutExpired):
+        return "<its public key>"
+    words = proc.stdout.decode("ascii", "replace").split()
+    return " ".join(words[:2]) if proc.returncode == 0 and len(words) >= 2 else "<its public key>"
 
 
 def _last_line(text: str) -> str:

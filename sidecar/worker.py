@@ -1,16 +1,19 @@
-"""One worker thread per target: takes what is pending, plans it, ships it, retries with backoff.
+"""One worker thread per target: takes what is pending, has it planned, ships it, retries with backoff.
 
-A slow or dead target only ever delays its own worker. While it is down, new changes keep merging
-into its :class:`~sidecar.batch.Pending` set (bounded: past the limit it falls back to one full sync);
-when it returns everything converges. Failed attempts are retried by tenacity with exponential
-backoff and jitter, capped at ``SYNC_RETRY_MAX_S``.
+A slow or dead target only ever delays its own worker. While it is down, new changes keep merging into its
+:class:`~sidecar.batch.Pending` set (bounded: past the limit it falls back to one full sync); when it returns
+everything converges. Failed attempts are retried by tenacity with exponential backoff and jitter, capped at
+``SYNC_RETRY_MAX_S``.
+
+This module sequences; the decisions are :mod:`sidecar.policy`'s, the rsync runs :mod:`sidecar.transport`'s,
+the plans :mod:`sidecar.plan`'s (one per watcher batch, shared by every target).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +23,18 @@ from . import logs
 from .batch import MODIFIED, Pending, Snapshot
 from .guard import GuardError, SourceGuard
 from .metrics import Metrics
-from .plan import make_plan, open_for_writing
-from .rsync import Outcome, Result, Rsync, Stats, classify, parse_skipped_deletes, parse_stats, skipped_paths
-from .ssh import SshError, SshLink
-from .targets import Target
+from .plan import Plan, SharedPlans, parents
+from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
+from .rsync import Stats
+from .scan import SharedScan
+from .transport import TransferError, Transport
 
 __all__ = ["ReportOnce", "TransientError", "Worker", "WorkerSettings"]
 
 log = logs.get("worker")
+
+# Files still being written are remembered (for SYNC_WRITE_WAIT_S) up to this many; beyond, the oldest go.
+MAX_BUSY_REMEMBERED = 10000
 
 
 class TransientError(Exception):
@@ -39,7 +46,7 @@ class TransientError(Exception):
 
 
 class FatalTargetError(Exception):
-    """Retrying cannot help (usage error, an option the target refuses); needs the operator."""
+    """Retrying cannot help (an option the target refuses, its directory is missing); needs the operator."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -51,12 +58,13 @@ class WorkerSettings:
     """The part of the configuration a worker needs."""
 
     delete: bool
-    max_delete: int
+    limits: DeleteLimits
     max_pending: int
     full_interval_s: int  # 0: no periodic full sync
     retry_max_s: int
     write_wait_s: int
     quiet_s: float
+    unhealthy_after_s: int = 0
     once: bool = False  # one full sync, then the thread ends
 
 
@@ -82,10 +90,9 @@ class Worker(threading.Thread):
     """Replicates to one target.
 
     Args:
-        target: where to.
-        source: the source directory.
-        link: the persistent ssh connection.
-        rsync: rsync command lines for this target.
+        transport: the operations on the target.
+        plans: one plan per watcher batch, shared by every worker.
+        scans: one pre-scan per reconcile round, shared by every worker.
         guard: source checks made before every sync.
         metrics: where to count.
         settings: behaviour.
@@ -94,42 +101,44 @@ class Worker(threading.Thread):
 
     def __init__(
         self,
-        target: Target,
-        source: str,
-        link: SshLink,
-        rsync: Rsync,
+        transport: Transport,
+        plans: SharedPlans,
+        scans: SharedScan,
         guard: SourceGuard,
         metrics: Metrics,
         settings: WorkerSettings,
         reports: ReportOnce,
     ) -> None:
-        super().__init__(name=f"worker {target.name}", daemon=True)
-        self.target = target
-        self.source = source
-        self.link = link
-        self.rsync = rsync
+        super().__init__(name=f"worker {transport.target.name}", daemon=True)
+        self.target = transport.target
+        self.transport = transport
+        self.plans = plans
+        self.scans = scans
         self.guard = guard
         self.metrics = metrics
         self.settings = settings
         self.reports = reports
-        self.name_label = target.name
+        self.name_label = self.target.name
         self._cond = threading.Condition()
         self._pending = Pending(settings.max_pending)
         self._pending.request_full("start")
         self._not_before = 0.0  # busy files: do not re-plan before this (monotonic)
         self._busy_since: dict[str, float] = {}
+        self._streak = FailureStreak()
         self._interrupt = threading.Event()
         self._stopped = False
         self._draining = False
         self._deadline = float("inf")
         self._next_full = float("inf")
-        self._probe_ok = True
-        # Status, read by /readyz.
+        self._approved = 0  # a one-off operator approval for the next full sync
+        # Status, read by /readyz, /healthz, status and the metrics.
         self.initial_done = False
         self.failing: tuple[str, str] | None = None
+        self.failing_since: float | None = None  # monotonic
         self.guard_tripped: str | None = None
         self.fatal: tuple[str, str] | None = None
         self.last_success: float | None = None
+        self.holds: int | None = None  # paths the target holds (from the last full sync, kept up to date)
         self.result: bool | None = None  # once mode: did the full sync succeed
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -145,10 +154,10 @@ class Worker(threading.Thread):
 
     # ----- called from other threads -------------------------------------------------------------
 
-    def submit(self, changes: Mapping[str, int], seen_at: float) -> None:
-        """Merge a batch of changes from the watcher."""
+    def submit(self, changes: Mapping[str, int], seen_at: float, batch: int | None = None) -> None:
+        """Merge a batch of changes from the watcher (``batch``: its number, for the shared plan)."""
         with self._cond:
-            self._pending.merge(changes, seen_at)
+            self._pending.merge(changes, seen_at, batch)
             self._not_before = 0.0
             self._cond.notify()
         self.metrics.pending.labels(self.name_label).set(len(self._pending))
@@ -158,6 +167,23 @@ class Worker(threading.Thread):
         with self._cond:
             self._pending.request_full(reason)
             self._cond.notify()
+
+    def approve(self, deletes: int) -> None:
+        """Let the next full sync delete up to ``deletes`` paths (once), and start it now."""
+        with self._cond:
+            self._approved = deletes
+            self._pending.request_full(f"operator approved up to {deletes} deletes")
+            self._cond.notify()
+
+    def retry_fatal(self, why: str) -> bool:
+        """Try a target that needed the operator again (SIGHUP, a passing ``check``). True if it was fatal."""
+        with self._cond:
+            was = self.fatal is not None
+            self.fatal = None
+            self._pending.request_full(why)
+            self._cond.notify()
+        self._interrupt.set()  # cut a backoff short
+        return was
 
     def drain(self, deadline: float) -> None:
         """Shutdown: deliver what is pending (one more try if failing), then end by ``deadline``."""
@@ -173,7 +199,7 @@ class Worker(threading.Thread):
             self._stopped = True
             self._cond.notify()
         self._interrupt.set()
-        self.rsync.abort()
+        self.transport.rsync.abort()
 
     @property
     def pending_count(self) -> int:
@@ -183,34 +209,53 @@ class Worker(threading.Thread):
     def full_sync_pending(self) -> bool:
         return self._pending.full_needed
 
-    def status(self) -> dict[str, Any]:
-        """This target's part of the /readyz document."""
-        state = "ok"
-        doc: dict[str, Any] = {"target": self.name_label}
+    @property
+    def state(self) -> str:
         if self.fatal:
-            state, reason, message = "fatal", *self.fatal
-        elif self.guard_tripped:
-            state, reason, message = "delete_guard", "delete_guard", self.guard_tripped
-        elif self.failing:
-            state, reason, message = "failing", *self.failing
-        elif not self.initial_done:
-            state, reason, message = "starting", "", "first full sync not finished"
-        else:
-            reason = message = ""
-        doc.update(
-            state=state,
-            ready=state == "ok",
-            pending=len(self._pending),
-            full_sync_pending=self._pending.full_needed,
-            last_success=self.last_success,
-        )
+            return "fatal"
+        if self.guard_tripped:
+            return "delete_guard"
+        if self.failing:
+            return "failing"
+        return "ok" if self.initial_done else "starting"
+
+    def status(self) -> dict[str, Any]:
+        """This target's part of the /readyz document (and of ``status``)."""
+        state = self.state
+        reason = message = ""
+        if state == "fatal" and self.fatal:
+            reason, message = self.fatal
+        elif state == "delete_guard":
+            reason, message = "delete_guard", self.guard_tripped or ""
+        elif state == "failing" and self.failing:
+            reason, message = self.failing
+        elif state == "starting":
+            message = "first full sync not finished"
+        doc: dict[str, Any] = {
+            "target": self.name_label,
+            "state": state,
+            "ready": state == "ok",
+            "pending": len(self._pending),
+            "full_sync_pending": self._pending.full_needed,
+            "last_success": self.last_success,
+        }
+        if self.failing_since is not None:
+            doc["failing_for_s"] = round(time.monotonic() - self.failing_since, 1)
+        if self.transport.receiver is not None:
+            doc["receiver"] = self.transport.receiver.describe()
         if reason or message:
             doc.update(reason=reason, message=message)
         return doc
 
+    def health_problem(self) -> str:
+        """Why this target makes ``/healthz`` fail ('' if it does not)."""
+        since = self.failing_since
+        failing_for = time.monotonic() - since if since is not None else 0.0
+        return unhealthy(self.state, failing_for, self.settings.unhealthy_after_s)
+
     @property
     def ready(self) -> bool:
-        return self.initial_done and not (self.fatal or self.guard_tripped or self.failing)
+        return self.state == "ok"
 
     # ----- the loop ------------------------------------------------------------------------------
 
@@ -221,7 +266,7 @@ class Worker(threading.Thread):
             log.exception("worker stopped by an internal error", extra={"fields": {"target": self.name_label}})
             self.fatal = ("error", f"internal error: {exc}")
         finally:
-            self.link.close()
+            self.transport.link.close()
 
     def _due(self, now: float) -> bool:
         if now >= self._next_full:
@@ -262,7 +307,7 @@ class Worker(threading.Thread):
                 self.fatal = (exc.reason, str(exc))
                 self.metrics.failures.labels(self.name_label, exc.reason).inc()
                 log.error(
-                    "target needs the operator; not retrying",
+                    "target needs the operator; not retrying until SIGHUP or a passing check",
                     extra={"fields": {"target": self.name_label, "reason": exc.reason, "error": str(exc)}},
                 )
                 if self.settings.once:
@@ -288,6 +333,7 @@ class Worker(threading.Thread):
             seconds = min(seconds, max(0.0, self._deadline - time.monotonic()))
             time.sleep(seconds)
             return
+        self._interrupt.clear()
         self._interrupt.wait(seconds)
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -314,18 +360,20 @@ class Worker(threading.Thread):
             snap = self._pending.take()
         if not snap:
             return
+        kind = "full" if snap.full else "batch"
         try:
             if snap.full:
                 self._full_sync(snap)
             else:
                 self._batch(snap)
-        except TransientError as exc:
+        except (TransferError, TransientError) as exc:
             with self._cond:
                 self._pending.restore(snap)
-            self.failing = (exc.reason, str(exc))
-            self.metrics.failures.labels(self.name_label, exc.reason).inc()
-            self.metrics.syncs.labels(self.name_label, "full" if snap.full else "batch", "error").inc()
-            raise
+            if isinstance(exc, TransferError) and exc.fatal:
+                self.metrics.syncs.labels(self.name_label, kind, "error").inc()
+                raise FatalTargetError(exc.reason, str(exc)) from None
+            self._failed(kind, exc.reason, str(exc))
+            raise TransientError(exc.reason, str(exc)) from None
         except BaseException:
             with self._cond:
                 self._pending.restore(snap)
@@ -333,36 +381,29 @@ class Worker(threading.Thread):
         finally:
             self.metrics.pending.labels(self.name_label).set(len(self._pending))
 
+    def _failed(self, kind: str, reason: str, message: str) -> None:
+        if self.failing is None:
+            self.failing_since = time.monotonic()
+        self.failing = (reason, message)
+        self.metrics.failures.labels(self.name_label, reason).inc()
+        self.metrics.syncs.labels(self.name_label, kind, "error").inc()
+        if kind == "batch" and self._streak.failed((reason, message), reason):
+            # The same list failed the same way again and again: a lasting receiver-side problem with one of
+            # its paths (a directory where a file goes, ...). A full sync plans the whole tree afresh.
+            log.warning(
+                "the same batch keeps failing; a full sync follows",
+                extra={"fields": {"target": self.name_label, "reason": reason, "error": message}},
+            )
+            with self._cond:
+                self._pending.request_full(f"the same batch failed {self._streak.repeats} times ({reason})")
+
     def _check_source(self) -> None:
         try:
             self.guard.check()
         except GuardError as exc:
             raise TransientError("source_guard", str(exc)) from None
 
-    def _connect(self) -> None:
-        try:
-            if self.link.ensure():
-                log.info("connected", extra={"fields": {"target": self.name_label, "starts": self.link.starts}})
-        except SshError as exc:
-            raise TransientError(exc.reason, str(exc)) from None
-
-    def _run(self, args: list[str], stdin: bytes = b"") -> tuple[Result, Outcome]:
-        self._connect()
-        result = self.rsync.run(args, stdin)
-        outcome = classify(result.returncode, result.stderr)
-        if outcome.kind == "retry":
-            raise TransientError(outcome.reason, outcome.message)
-        if outcome.kind == "fatal":
-            raise FatalTargetError(outcome.reason, outcome.message)
-        if outcome.kind == "skipped":
-            # Keyed like the planner's reports (relative path, reason), so each path is reported once.
-            prefix = self.source.rstrip("/") + "/"
-            self._report_skipped(
-                [(p[len(prefix) :] if p.startswith(prefix) else p, why) for p, why in skipped_paths(result.stderr)]
-            )
-        return result, outcome
-
-    def _report_skipped(self, skipped: list[tuple[str, str]]) -> None:
+    def report_skipped(self, skipped: Iterable[tuple[str, str]]) -> None:
         for path, why in skipped:
             if self.reports.first(path, why):
                 log.warning("not replicated", extra={"fields": {"path": path, "why": why}})
@@ -388,6 +429,8 @@ class Worker(threading.Thread):
             with self._cond:
                 self._pending.request_full(f"recovered from a failure ({self.failing[0]})")
         self.failing = None
+        self.failing_since = None
+        self._streak.clear()
         self.last_success = time.time()
         m, t = self.metrics, self.name_label
         m.syncs.labels(t, kind, "success").inc()
@@ -413,6 +456,17 @@ class Worker(threading.Thread):
             },
         )
 
+    # ----- batches -------------------------------------------------------------------------------
+
+    def _forget_busy(self, plan: Plan) -> None:
+        """Files sent, removed or skipped are not "still being written" any more."""
+        if not self._busy_since:
+            return
+        gone = set(plan.send) | set(plan.delete) | set(plan.retract) | {p for p, _ in plan.skipped}
+        for path in list(self._busy_since):
+            if path in gone or any(a in gone for a in parents(path)):
+                del self._busy_since[path]
+
     def _hold_busy(self, busy: list[str], now: float) -> list[str]:
         """Keep files still open for writing back; returns those held too long (sent anyway)."""
         overdue = []
@@ -428,94 +482,118 @@ class Worker(threading.Thread):
                 )
             else:
                 held[path] = MODIFIED
+        while len(self._busy_since) > MAX_BUSY_REMEMBERED:
+            del self._busy_since[next(iter(self._busy_since))]
         if held:
             with self._cond:
                 self._pending.merge(held, None)
                 self._not_before = now + self.settings.quiet_s
         return overdue
 
-    def _probe(self, path: str) -> bool | None:
-        busy = open_for_writing(path)
-        if busy is None and self._probe_ok:
-            self._probe_ok = False
-            log.warning(
-                "cannot tell whether files are still being written (not their owner, no CAP_LEASE); "
-                "a file written slowly may reach the target before it is complete — run as the "
-                "uploads' owner uid",
-                extra={"fields": {"path": path}},
-            )
-        return bool(busy)
-
     def _batch(self, snap: Snapshot) -> None:
         self._check_source()
         now = time.monotonic()
-        plan = make_plan(snap.changes, self.source, probe_busy=self._probe, limit=self.settings.max_pending)
+        plan = self.plans.get(snap.batch, snap.changes)
         if plan.too_many:
             with self._cond:
                 self._pending.request_full("a new directory holds more than SYNC_MAX_PENDING paths")
             return
-        self._report_skipped(plan.skipped)
-        for path in plan.send:
-            self._busy_since.pop(path, None)
+        self.report_skipped(plan.skipped)
+        self._forget_busy(plan)
         plan.send += self._hold_busy(plan.busy, now)
-        deletes = self.settings.delete and bool(plan.delete)
-        if deletes and len(plan.delete) > self.settings.max_delete:
-            self._trip(
-                f"one batch would delete {len(plan.delete)} paths, more than SYNC_MAX_DELETE="
-                f"{self.settings.max_delete}; raise it and restart if that is intended"
-            )
-            deletes = False
-        elif deletes and self.guard.is_empty():
-            self._trip(f"SYNC_SOURCE {self.source} is empty; its {len(plan.delete)} deletes are refused")
-            deletes = False
-        if not plan.send and not deletes:
+        removals = bool(plan.delete or plan.retract) and self.settings.delete
+        if not plan.send and not removals:
             return
-        listed = len(plan.send) + (len(plan.delete) if deletes else 0)
-        result, outcome = self._run(self.rsync.batch_args(deletes, self.settings.max_delete), plan.files_from(deletes))
-        if outcome.kind == "delete_limit":
-            self._trip(f"rsync stopped deleting at SYNC_MAX_DELETE={self.settings.max_delete}")
-        if outcome.kind == "vanished":
-            # Files vanished between planning and sending: plan them again (they are deletes now).
+        stats, seconds = Stats(), 0.0
+        if plan.send:
+            run = self.transport.send(plan.files_from())
+            stats, seconds = run.stats, run.result.seconds
+            if run.kind == "vanished":
+                # Files vanished between planning and sending: plan them again (they are deletes now).
+                with self._cond:
+                    self._pending.merge(dict.fromkeys(plan.send, MODIFIED), None)
+        if removals:
+            removed, took = self._remove(plan)
+            stats, seconds = stats + removed, seconds + took
+        if self.holds is not None:
+            self.holds = max(0, self.holds + stats.created - stats.deleted)
+        paths = len(plan.send) + (len(plan.delete) + len(plan.retract) if removals else 0)
+        self._succeeded("batch", stats, seconds, snap.seen_at, paths)
+
+    def _remove(self, plan: Plan) -> tuple[Stats, float]:
+        """Count what the removals would delete on the target, ask the guard, then delete exactly that."""
+        count = self.transport.count_removals(plan.delete, plan.retract)
+        if count == 0:
+            return Stats(), 0.0
+        self._check_source()  # right before deleting: the source is still the volume it was
+        verdict = may_delete(
+            count, self.holds, self.settings.limits, what="a batch", source_empty=self.guard.is_empty()
+        )
+        if not verdict.allowed:
+            self._trip(verdict.why)
+            return Stats(), 0.0
+        run = self.transport.remove(plan.delete, plan.retract, max_delete=count)
+        if run.kind == "delete_limit":
+            # More appeared below a removed directory since it was counted; what was counted is deleted,
+            # the rest waits for a full sync, which counts again.
             with self._cond:
-                self._pending.merge(dict.fromkeys(plan.send, MODIFIED), None)
-        self._succeeded("batch", parse_stats(result.stdout), result.seconds, snap.seen_at, listed)
+                self._pending.request_full("more to delete than counted")
+        return run.stats, run.result.seconds
+
+    # ----- full syncs ----------------------------------------------------------------------------
+
+    def _take_approval(self) -> int:
+        with self._cond:
+            approved, self._approved = self._approved, 0
+        return approved
 
     def _full_sync(self, snap: Snapshot) -> None:
         self._check_source()
         log.info("full sync", extra={"fields": {"target": self.name_label, "why": snap.full_reason}})
+        scan = self.scans.get()
+        self.report_skipped([(p, "unreadable") for p in scan.unreadable])
+        self.report_skipped(scan.retract)
         delete = self.settings.delete
-        # Pass 1 sends everything but deletes nothing; it counts what a delete would remove.
-        result, outcome = self._run(self.rsync.full_args(delete, 0))
-        seconds = result.seconds
-        stats = parse_stats(result.stdout)
-        guard_ok = True
-        if delete and outcome.kind == "delete_limit":
-            count = parse_skipped_deletes(result.stdout + result.stderr) or 0
-            if count > self.settings.max_delete:
-                self._trip(
-                    f"a full sync would delete {count} paths, more than SYNC_MAX_DELETE="
-                    f"{self.settings.max_delete}; raise it and restart if that is intended"
+        approved = self._take_approval()
+        allowed, refused, seconds, holds = 0, "", 0.0, None
+        if delete:
+            # A dry run first: what would the delete remove (everything below a deleted directory counted)?
+            count = self.transport.count_full(scan, delete=True)
+            # What the target holds now, or what the source holds if that is more (see policy.may_delete).
+            holds = max(count.total - count.created + count.deleted, count.total)
+            if count.deleted:
+                self._check_source()  # right before deleting
+                verdict = may_delete(
+                    count.deleted,
+                    holds,
+                    self.settings.limits,
+                    what="a full sync",
+                    source_empty=self.guard.is_empty(),
+                    approved=approved,
                 )
-                guard_ok = False
-            elif self.guard.is_empty():
-                self._trip(
-                    f"SYNC_SOURCE {self.source} is empty but the target has {count} paths; "
-                    "refusing to delete them (is the uploads volume mounted?)"
-                )
-                guard_ok = False
-            else:
-                result, outcome = self._run(self.rsync.full_args(True, self.settings.max_delete))
-                seconds += result.seconds
-                second = parse_stats(result.stdout)
-                stats = Stats(stats.files + second.files, stats.bytes + second.bytes, second.deleted)
-                if outcome.kind == "delete_limit":
-                    self._trip(f"rsync stopped deleting at SYNC_MAX_DELETE={self.settings.max_delete}")
-                    guard_ok = False
+                if verdict.allowed:
+                    allowed = count.deleted
+                    if verdict.used_approval:
+                        log.warning(
+                            "deleting with the operator's approval",
+                            extra={"fields": {"target": self.name_label, "deletes": allowed, "approved": approved}},
+                        )
+                else:
+                    refused = verdict.why
+        run = self.transport.full(scan, delete=allowed > 0, max_delete=allowed)
+        guard_ok = not refused
+        if refused:
+            self._trip(refused)  # after the sending pass: everything else did reach the target
+        seconds += run.result.seconds
+        if run.kind == "delete_limit":
+            with self._cond:
+                self._pending.request_full("more to delete than counted")
+        self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
         if guard_ok:
             self._clear_guard()
         if self.settings.full_interval_s:
             self._next_full = time.monotonic() + self.settings.full_interval_s
-        self._succeeded("full", stats, seconds, None, stats.files)
+        self._succeeded("full", run.stats, seconds, None, run.stats.files)
         self.initial_done = True  # after the metrics: /readyz 200 implies the sync is counted
         if self.settings.once and not guard_ok:
             raise FatalTargetError("delete_guard", self.guard_tripped or "delete guard")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["KeyPair", "SshServer", "free_port", "kill_tree", "target_user", "wait_until"]
+__all__ = ["KeyPair", "SshServer", "free_port", "kill_tree", "locked_user", "target_user", "wait_until"]
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TEST_USER = "upsync-test"
@@ -71,6 +71,17 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             os.kill(p, sig)
 
 
+def locked_user() -> str:
+    """An account as ``useradd`` leaves it: "!" in its password field (locked), a /bin/sh shell (root only)."""
+    name = "upsync-locked"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    subprocess.run(["usermod", "-p", "!", name], check=True)
+    return name
+
+
 def target_user() -> str:
     """The account ssh logs in as (created on first use when root)."""
     if os.geteuid() != 0:
@@ -109,13 +120,22 @@ class SshServer:
         host_key: the server's host key.
         rrsync: force ``rrsync -wo root`` (True) or give a plain ``/bin/sh`` account (False).
         extra_keys: more ``authorized_keys`` lines.
+        rrsync_cmd: the forced command's program and options before the directory (another rrsync, say
+            Debian 12's, or ``-no-del``).
     """
 
     def __init__(
-        self, base: Path, client: KeyPair, host_key: KeyPair, rrsync: bool = True, extra_keys: tuple[str, ...] = ()
+        self,
+        base: Path,
+        client: KeyPair,
+        host_key: KeyPair,
+        rrsync: bool = True,
+        extra_keys: tuple[str, ...] = (),
+        rrsync_cmd: str = "/usr/bin/rrsync -wo",
+        user: str | None = None,
     ) -> None:
         self.base = base
-        self.user = target_user()
+        self.user = user or target_user()
         self.client = client
         self.host_key = host_key
         self.rrsync = rrsync
@@ -126,7 +146,7 @@ class SshServer:
         self.root.chmod(0o755)
         if os.geteuid() == 0:
             shutil.chown(self.root, self.user, self.user)
-        restrict = f'command="/usr/bin/rrsync -wo {self.root}",restrict ' if rrsync else "restrict "
+        restrict = f'command="{rrsync_cmd} {self.root}",restrict ' if rrsync else "restrict "
         self.authorized_keys = base / "authorized_keys"
         self.authorized_keys.write_text(restrict + client.public_text + "\n" + "".join(k + "\n" for k in extra_keys))
         self.authorized_keys.chmod(0o644)

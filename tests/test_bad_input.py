@@ -17,21 +17,26 @@ Regenerate the doc after changing the table: ``.venv/bin/python -m tests.test_ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.faults.faultlib import as_user
 from tests.helpers import REPO, Sidecar, assert_converges, wait_until
-from tests.sshd import KeyPair, SshServer, free_port
+from tests.old_rsync import old_rrsync
+from tests.sshd import KeyPair, SshServer, free_port, locked_user, target_user
 
 DOC = REPO / "docs" / "bad-input.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
@@ -66,6 +71,8 @@ PLACEHOLDERS = {
     "empty_kh": "an empty known_hosts file",
     "changed_kh": "a known_hosts file pinning another key for the sshd",
     "new_kh": "a known_hosts path that does not exist yet",
+    "sealed_key": "a valid key in a directory only root can enter (mode 0700)",
+    "uid": "the uid of the account the row runs as",
 }
 
 
@@ -83,7 +90,7 @@ class Case:
     lines: int | None = 1  # cli: number of stderr lines
     last: bool = False  # once: the message is in the last warning line
     setup: str = ""  # daemon: a function of SETUPS
-    when: str = "after"  # daemon: the setup runs "before" the start or "after" it is ready
+    when: str = "after"  # daemon: the setup runs "before" the start, "after" it is ready, or "both"
     count: int = 1  # daemon: exact number of log lines with the message
     mention: str = ""  # daemon: a warning line must contain this
     ignore: tuple[str, ...] = ()  # daemon: paths that are not copied, left out of the comparison
@@ -91,6 +98,10 @@ class Case:
     refusal: str = ""  # daemon: refusing at start is accepted too, as exit 2 and a last line starting so
     behaviour: str = ""  # what else is checked, for the doc
     bug: str = ""  # a product problem: strict xfail
+    user: str = ""  # cli: run as this account (files made where it can reach them)
+    stream: str = "stderr"  # cli: where the message line is (check prints its FAIL lines on stdout)
+    target: str = ""  # once, daemon: a target of its own: "locked" account, "no-del" rrsync, "3.2.7" receiver
+    logged: str = ""  # daemon: some log line (any level) contains this
 
 
 def cli(id_: str, input_: str, env: Mapping[str, str | None], message: str, **kw: object) -> Case:
@@ -205,13 +216,107 @@ CASES: list[Case] = [
         "exclude pattern with a newline",
         {"SYNC_EXCLUDE": "a\nb"},
         'upsync: invalid SYNC_EXCLUDE="a\\nb": must be a comma-separated list of rsync exclude patterns '
-        "(e.g. *.tmp,/cache/), or empty",
+        '(e.g. *.tmp,/cache/), or empty; "a\\nb" has a newline or NUL',
     ),
     cli(
         "log-level",
         "unknown log level",
         {"SYNC_LOG_LEVEL": "verbose"},
         'upsync: invalid SYNC_LOG_LEVEL="verbose": must be one of debug, info, warning, error',
+    ),
+    cli(
+        "exclude-include-rule",
+        "an exclude pattern written as an rsync include rule",
+        {"SYNC_EXCLUDE": "/cache/,+ keep"},
+        'upsync: invalid SYNC_EXCLUDE="/cache/,+ keep": must be a comma-separated list of rsync exclude patterns '
+        '(e.g. *.tmp,/cache/), or empty; "+ keep" has a leading "+ " makes it an include rule',
+    ),
+    cli(
+        "delete-percent-0",
+        "relative delete limit 0",
+        {"SYNC_MAX_DELETE_PERCENT": "0"},
+        'upsync: invalid SYNC_MAX_DELETE_PERCENT="0": must be a whole number from 1 to 100 (percent)',
+    ),
+    cli(
+        "delete-percent-fraction",
+        "relative delete limit as a fraction",
+        {"SYNC_MAX_DELETE_PERCENT": "0.1"},
+        'upsync: invalid SYNC_MAX_DELETE_PERCENT="0.1": must be a whole number from 1 to 100 (percent)',
+    ),
+    cli(
+        "sandbox-bool",
+        "sandbox setting given as a boolean",
+        {"SYNC_SANDBOX": "true"},
+        'upsync: invalid SYNC_SANDBOX="true": must be one of auto, required, off',
+    ),
+    cli(
+        "parallel-negative",
+        "negative parallel runs",
+        {"SYNC_MAX_PARALLEL": "-1"},
+        'upsync: invalid SYNC_MAX_PARALLEL="-1": must be a whole number from 0 to 1024 (rsync runs; 0: two per '
+        "CPU core)",
+    ),
+    cli(
+        "unhealthy-with-unit",
+        "unhealthy-after with a unit",
+        {"SYNC_UNHEALTHY_AFTER_S": "10m"},
+        'upsync: invalid SYNC_UNHEALTHY_AFTER_S="10m": must be a whole number from 0 to 86400 (seconds)',
+    ),
+    cli(
+        "targets-singular",
+        "SYNC_TARGET (singular) set, SYNC_TARGETS missing",
+        {"SYNC_TARGETS": None, "SYNC_TARGET": "ssh://u@127.0.0.1:1/x"},
+        "upsync: invalid SYNC_TARGETS: must be set: a comma-separated list of ssh://user@host[:port]/abs/path "
+        "(or user@host:/abs/path, dns+ssh://...) (SYNC_TARGET is set: did you mean SYNC_TARGETS?)",
+        lines=2,
+        behaviour="the warning about the unknown SYNC_TARGET comes first",
+    ),
+    cli(
+        "approve-not-a-number",
+        "approve with a word",
+        {},
+        "upsync: invalid approve 'lots': must be a whole number of deletes (approve 950)",
+        args=("approve", "lots"),
+    ),
+    cli(
+        "approve-no-daemon",
+        "approve with no daemon running",
+        {},
+        "upsync: no running upsync daemon of uid 0 replicates {src} (looked in ",
+        args=("approve", "5"),
+        code=1,
+        prefix=True,
+    ),
+    cli(
+        "status-no-daemon",
+        "status with no daemon running",
+        {},
+        "upsync: no running upsync daemon of uid 0 replicates {src} (looked in ",
+        args=("status",),
+        code=2,
+        prefix=True,
+        behaviour="exit 2: a monitoring check reads it as failing",
+    ),
+    cli(
+        "key-dir-unreadable",
+        "the key in a directory the sidecar's uid cannot enter (root's, mode 0700)",
+        {"SYNC_SSH_KEY_FILE": "{sealed_key}"},
+        'upsync: invalid SYNC_SSH_KEY_FILE="{sealed_key}": must be readable by uid {uid} (chown it to that user, '
+        "mode 0600)",
+        user="upsync-test",
+    ),
+    cli(
+        "key-dir-unreadable-check",
+        "check with the key in a directory the sidecar's uid cannot enter",
+        {"SYNC_SSH_KEY_FILE": "{sealed_key}"},
+        'FAIL ssh key: invalid SYNC_SSH_KEY_FILE="{sealed_key}": must be readable by uid {uid} (chown it to that '
+        "user, mode 0600)",
+        args=("check",),
+        code=1,
+        user="upsync-test",
+        stream="stdout",
+        lines=None,
+        behaviour="one FAIL line per problem, then `FAIL targets: not checked: fix the ssh key first`; no traceback",
     ),
     cli(
         "unknown-setting",
@@ -253,7 +358,7 @@ CASES: list[Case] = [
         "unknown command",
         {},
         "upsync: invalid command line: argument command: invalid choice: 'start' (choose from 'run', 'once', "
-        "'check', 'config', 'health')",
+        "'check', 'config', 'health', 'status', 'plan', 'approve')",
         args=("start",),
     ),
     # ----- source --------------------------------------------------------------------------------
@@ -401,7 +506,9 @@ CASES: list[Case] = [
         {"SYNC_SSH_KEY_FILE": "{other_key}"},
         code=1,
         message="{user}@[127.0.0.1]:{port} refused the key {other_key} ({user}@127.0.0.1: Permission denied "
-        "(publickey).); add its public key to that account's authorized_keys",
+        "(publickey).); the target's sshd log says which of these it is: the key is not in {user}'s "
+        'authorized_keys (add \'command="/usr/bin/rrsync -wo DIR",restrict ssh-ed25519 ',
+        prefix=True,
     ),
     Case(
         "wrong-user",
@@ -410,7 +517,41 @@ CASES: list[Case] = [
         {"SYNC_TARGETS": "ssh://nobody@127.0.0.1:{port}/"},
         code=1,
         message="nobody@[127.0.0.1]:{port} refused the key {key} (nobody@127.0.0.1: Permission denied "
-        "(publickey).); add its public key to that account's authorized_keys",
+        "(publickey).); the target's sshd log says which of these it is: the key is not in nobody's "
+        "authorized_keys",
+        prefix=True,
+    ),
+    Case(
+        "locked-account",
+        "the target account is locked (password field '!', as useradd leaves it)",
+        "once",
+        code=1,
+        target="locked",
+        message="upsync-locked@[127.0.0.1]:{port} refused the key {key} (upsync-locked@127.0.0.1: Permission "
+        "denied (publickey).); the target's sshd log says which of these it is:",
+        prefix=True,
+        behaviour="the message goes on to name a locked account (usermod -p '*'), a missing key and bad modes",
+    ),
+    Case(
+        "target-refuses-deletes",
+        "the target's rrsync refuses deletes (rrsync -wo -no-del)",
+        "once",
+        code=1,
+        target="no-del",
+        message="the target refuses deletes (rrsync -no-del in its authorized_keys command): remove -no-del "
+        "there, or set SYNC_DELETE=false here: ",
+        prefix=True,
+    ),
+    Case(
+        "old-receiver",
+        "a target running Debian 12's own rsync 3.2.7, which rejects --delete-missing-args",
+        "daemon",
+        code=None,
+        target="3.2.7",
+        setup="delete_file_and_dir",
+        when="both",
+        logged="rejects --delete-missing-args (rsync 3.2.x): removals use --delete scoped by filter rules",
+        behaviour="deletes of a file and of a directory with files reach the target (through filter rules)",
     ),
     cli(
         "corrupt-key",
@@ -625,7 +766,20 @@ def _source_newline(source: Path, workdir: Path) -> Path:
     return path
 
 
+def _delete_file_and_dir(source: Path, workdir: Path) -> None:
+    """Made before the start, deleted once the daemon is ready: a file, and a directory with files."""
+    if not (source / "gone.jpg").exists():
+        (source / "gone.jpg").write_text("x")
+        (source / "gone-dir").mkdir()
+        for i in range(3):
+            (source / f"gone-dir/{i}.jpg").write_text(str(i))
+        return
+    (source / "gone.jpg").unlink()
+    shutil.rmtree(source / "gone-dir")
+
+
 SETUPS: dict[str, Callable[[Path, Path], Path | None]] = {
+    "delete_file_and_dir": _delete_file_and_dir,
     "source_not_utf8": _source_not_utf8,
     "source_newline": _source_newline,
     "names_newline": lambda s, _w: _make(s, [b"new\nline.jpg"]),
@@ -704,7 +858,11 @@ def _cli_context(tmp: Path) -> dict[str, str]:
     bad_key = tmp / "corrupt-key"
     bad_key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n")
     bad_key.chmod(0o600)
+    sealed = tmp / "sealed"
+    sealed.mkdir(mode=0o700)  # root's: no other uid can enter
+    sealed_key = KeyPair(sealed, "key")
     return {
+        "sealed_key": str(sealed_key.private),
         "bad_key": str(bad_key),
         "src": str(src),
         "key": str(key.private),
@@ -716,7 +874,25 @@ def _cli_context(tmp: Path) -> dict[str, str]:
 
 
 def run_cli(case: Case, tmp: Path) -> None:
+    prefix: list[str] = []
+    if case.user:
+        # Another uid: the row's files must be where it can reach them (pytest's tmp_path is root's 0700).
+        tmp = Path(tempfile.mkdtemp(prefix="upsync-badinput-"))
+        tmp.chmod(0o755)
+        prefix = as_user(target_user() if case.user == "upsync-test" else case.user)
+    try:
+        _run_cli(case, tmp, prefix)
+    finally:
+        if case.user:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_cli(case: Case, tmp: Path, prefix: list[str]) -> None:
     ctx = _cli_context(tmp)
+    if prefix:
+        for name in ("src", "key", "known_hosts"):
+            shutil.chown(ctx[name], target_user(), target_user())
+    ctx["uid"] = str(pwd.getpwnam(target_user()).pw_uid if prefix else os.getuid())
     env = {"PATH": os.environ["PATH"], "SYNC_ENV_FILE": ""}
     if case.base:
         env.update({k: _fill(v, ctx) for k, v in BASE.items()})
@@ -726,7 +902,7 @@ def run_cli(case: Case, tmp: Path) -> None:
         else:
             env[name] = _fill(value, ctx)
     proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", *case.args],
+        [*prefix, sys.executable, "-m", "sidecar", *case.args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -735,10 +911,11 @@ def run_cli(case: Case, tmp: Path) -> None:
         timeout=30,
         check=False,
     )
-    lines = [_STAMP.sub("", ln) for ln in proc.stderr.splitlines()]
+    out = proc.stdout if case.stream == "stdout" else proc.stderr
+    lines = [_STAMP.sub("", ln) for ln in out.splitlines()]
     expected = _fill(case.message, ctx)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == case.code, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == case.code, proc.stderr + proc.stdout
     assert any(_matches(ln, expected, case.prefix) for ln in lines), f"{expected!r} not in {lines}"
     if case.lines is not None:
         assert len(lines) == case.lines, lines
@@ -796,7 +973,31 @@ def _sidecar(source: Path, sshd: SshServer, key: KeyPair, workdir: Path, env: di
     return Sidecar(source, [sshd], key, workdir, **env)
 
 
+@contextlib.contextmanager
+def _target(case: Case, sshd: SshServer, client_key: KeyPair, workdir: Path) -> Iterator[SshServer]:
+    """The row's target: the shared sshd, or one made for the row (and what it changes, undone after)."""
+    if not case.target:
+        yield sshd
+        return
+    # "locked": what `useradd` leaves, "!" in the password field; sshd without PAM then refuses even keys.
+    user = locked_user() if case.target == "locked" else None
+    command = {"no-del": "/usr/bin/rrsync -wo -no-del", "3.2.7": f"{old_rrsync()} -wo"}.get(
+        case.target, "/usr/bin/rrsync -wo"
+    )
+    own = SshServer(workdir / f"sshd-{case.target}", client_key, sshd.host_key, rrsync_cmd=command, user=user)
+    own.start()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
 def run_once(case: Case, source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path) -> None:
+    with _target(case, sshd, client_key, workdir) as target:
+        _run_once(case, source, target, client_key, workdir)
+
+
+def _run_once(case: Case, source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path) -> None:
     ctx = _runtime_context(sshd, client_key, workdir)
     env = {k: _fill(v, ctx) for k, v in case.env.items() if v is not None}
     proc = _sidecar(source, sshd, client_key, workdir, env).run("once", timeout=90)
@@ -822,8 +1023,15 @@ def _synced(sidecar: Sidecar) -> bool:
 def run_daemon(
     case: Case, source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path, sidecars: list[Sidecar]
 ) -> None:
+    with _target(case, sshd, client_key, workdir) as target:
+        _run_daemon(case, source, target, client_key, workdir, sidecars)
+
+
+def _run_daemon(
+    case: Case, source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path, sidecars: list[Sidecar]
+) -> None:
     setup = SETUPS[case.setup]
-    if case.when == "before":
+    if case.when in ("before", "both"):
         source = setup(source, workdir) or source
     sidecar = _sidecar(source, sshd, client_key, workdir, {})
     sidecars.append(sidecar)  # killed after the test whatever happens
@@ -837,7 +1045,7 @@ def run_daemon(
         assert proc.returncode == 2 and "Traceback" not in out, out
         assert out.splitlines()[-1].startswith(case.refusal), out
         return
-    if case.when == "after":
+    if case.when in ("after", "both"):
         setup(source, workdir)
     (source / "after.jpg").write_text("replication goes on")
     assert_converges(source, sshd.root, 25, ignore=case.ignore)
@@ -850,6 +1058,8 @@ def run_daemon(
         assert len(matching) == case.count, f"{case.message!r} logged {len(matching)} times, not {case.count}"
     if case.mention:
         assert any(case.mention in json.dumps(d) for d in docs if d.get("level") in ("warning", "error"))
+    if case.logged:
+        assert any(case.logged in json.dumps(d) for d in docs), f"{case.logged!r} not logged"
     assert "Traceback" not in logs
     sidecar.check_alive()
 
@@ -906,7 +1116,7 @@ def render() -> str:
         if c.setup:
             what += (
                 " " if what else ""
-            ) + f"setup `{c.setup}` ({'before start' if c.when == 'before' else 'while running'})"
+            ) + f"setup `{c.setup}` ({ {'before': 'before start', 'after': 'while running'}.get(c.when, 'both') })"
         run = {"cli": "CLI", "once": "`once` vs sshd", "daemon": "daemon vs sshd"}[c.kind]
         code = "— (runs)" if c.code is None else str(c.code)
         msg = _code(c.message)
@@ -936,7 +1146,7 @@ def test_table_is_well_formed() -> None:
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(CASES) >= 25
     for c in CASES:
-        assert c.kind in ("cli", "once", "daemon") and c.when in ("before", "after")
+        assert c.kind in ("cli", "once", "daemon") and c.when in ("before", "after", "both")
         assert not c.setup or c.setup in SETUPS
         assert not c.followup or c.followup in FOLLOWUPS
         assert c.message or c.behaviour, c.id

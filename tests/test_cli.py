@@ -76,7 +76,7 @@ def test_check_good_target(source: Path, sshd: SshServer, client_key: KeyPair, w
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [ln.split()[0] for ln in lines] == ["ok"] * 6
     assert lines[-1].startswith(f"ok   target ssh://{sshd.user}@127.0.0.1:{sshd.port}/: connected")
-    assert "wrote and deleted a probe file" in lines[-1]
+    assert "sent and deleted a probe file as batches do" in lines[-1]
     assert sorted(os.listdir(sshd.root)) == []  # the probe is gone
 
 
@@ -104,7 +104,7 @@ def test_check_missing_key(source: Path, sshd: SshServer, client_key: KeyPair, w
     proc = Sidecar(source, [sshd], client_key, workdir, SYNC_SSH_KEY_FILE="/nonexistent").run("check")
     assert proc.returncode == 1
     assert "FAIL ssh key: invalid SYNC_SSH_KEY_FILE" in proc.stdout
-    assert "FAIL targets: not checked: no usable ssh key" in proc.stdout
+    assert "FAIL targets: not checked: fix the ssh key first" in proc.stdout
 
 
 @pytest.mark.integration

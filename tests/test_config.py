@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import SETTINGS, ConfigError, check_known_hosts, check_source, check_ssh_key, env_example, load
+from sidecar.check import check_known_hosts, check_source, check_ssh_key
+from sidecar.config import SETTINGS, ConfigError, load
+from sidecar.docgen import env_example
 
 BASE = {"SYNC_SOURCE": "/srv/uploads", "SYNC_TARGETS": "ssh://u@h/x", "SYNC_ENV_FILE": ""}
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +153,7 @@ def _section(text: str, start: str, end: str) -> str:
 
 def test_readme_table_is_generated() -> None:
     """The README's table is exactly `python -m sidecar config --markdown` (regenerate, don't hand-edit)."""
-    from sidecar.config import markdown_table
+    from sidecar.docgen import markdown_table
 
     readme = (REPO / "README.md").read_text()
     block = _section(readme, "<!-- settings:start -->\n", "<!-- settings:end -->")

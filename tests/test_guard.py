@@ -90,7 +90,7 @@ def test_empty_source_facing_a_full_target(source: Path, sshd: SshServer, run_si
     (sshd.root / "precious.jpg").write_text("x")
     sidecar = run_sidecar(ready=False)
     doc = not_ready(sidecar, "delete_guard")
-    assert "is empty but the target has 1 paths" in str(doc)
+    assert "the source is empty but a full sync would delete 1 paths" in str(doc)
     assert (sshd.root / "precious.jpg").exists()
 
 

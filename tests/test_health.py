@@ -60,7 +60,8 @@ def test_fatal_target_is_reported_not_retried(source: Path, sshd: SshServer, run
 
     def fatal() -> dict | None:
         code, doc = sidecar.readyz()
-        return doc["targets"][0] if code == 503 and doc["targets"][0]["state"] == "fatal" else None
+        targets = doc.get("targets") or []  # none yet right after the start
+        return targets[0] if code == 503 and targets and targets[0]["state"] == "fatal" else None
 
     target = wait_until(fatal, 15, "the fatal state")
     assert target["reason"] == "target_path"

@@ -9,19 +9,31 @@ from pathlib import Path
 import pytest
 
 from sidecar.batch import ADDED, DELETED, MODIFIED, Pending
-from sidecar.plan import make_plan, open_for_writing
+from sidecar.filters import Excludes
+from sidecar.paths import SafeTree
+from sidecar.plan import Planner, SharedPlans, make_plan, open_for_writing
 
 
-def plan(changes: dict[str, int], root: Path, busy: set[str] = frozenset(), limit: int = 1_000_000):  # type: ignore[assignment]
-    return make_plan(changes, str(root), probe_busy=lambda p: os.path.basename(p) in busy, limit=limit)
+def plan(
+    changes: dict[str, int],
+    root: Path,
+    busy: set[str] = frozenset(),  # type: ignore[assignment]
+    limit: int = 1_000_000,
+    excludes: tuple[str, ...] = (),
+):
+    def probe(tree: SafeTree, rel: str) -> bool:
+        os.close(tree.open_file(rel))  # as the real probe: opens the file (no symlink on the way)
+        return os.path.basename(rel) in busy
+
+    return make_plan(changes, str(root), probe_busy=probe, limit=limit, excludes=Excludes(excludes))
 
 
 def test_files_are_sent_missing_paths_deleted(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"x")
     p = plan({"a.jpg": MODIFIED, "gone.jpg": DELETED}, tmp_path)
     assert p.send == ["a.jpg"] and p.delete == ["gone.jpg"]
-    assert p.files_from() == b"a.jpg\0gone.jpg\0"
-    assert p.files_from(deletes=False) == b"a.jpg\0"
+    assert p.files_from() == b"a.jpg\0"  # the sends; removals go their own way (see sidecar.filters)
+    assert p.removals == ["gone.jpg"]
 
 
 def test_new_directory_is_listed_whole_without_rsync_recursion(tmp_path: Path) -> None:
@@ -66,7 +78,7 @@ def test_busy_files_are_held_back(tmp_path: Path) -> None:
     assert p.send == ["done.jpg"] and p.busy == ["writing.jpg"]
 
 
-def test_special_files_and_unsafe_links_are_skipped(tmp_path: Path) -> None:
+def test_special_files_and_unsafe_links_are_skipped_and_retracted(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tmp_path / "sock"))
@@ -79,6 +91,8 @@ def test_special_files_and_unsafe_links_are_skipped(tmp_path: Path) -> None:
     sock.close()
     assert sorted(p.send) == ["d/ok", "seed"]
     assert sorted(path for path, _ in p.skipped) == ["abs", "d/up", "fifo", "sock"]
+    # The targets' copies of these names go: nothing there may stand for something the source no longer serves.
+    assert p.retract == ["abs", "d/up", "fifo", "sock"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
@@ -112,13 +126,96 @@ def test_path_escapes_are_ignored(tmp_path: Path) -> None:
 def test_open_for_writing(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_text("x")
-    assert open_for_writing(str(path)) is False
-    with open(path, "a"):
-        assert open_for_writing(str(path)) is True
-    with open(path):
-        assert open_for_writing(str(path)) is False
-    with pytest.raises(FileNotFoundError):
-        open_for_writing(str(tmp_path / "missing"))
+    with SafeTree(str(tmp_path)) as tree:
+        assert open_for_writing(tree, "f") is False
+        with open(path, "a"):
+            assert open_for_writing(tree, "f") is True
+        with open(path):
+            assert open_for_writing(tree, "f") is False
+        with pytest.raises(FileNotFoundError):
+            open_for_writing(tree, "missing")
+
+
+# ----- trust: nothing outside the tree (issue 8.1), excludes (8.5), a directory replaced by a file (8.6) -----
+
+
+def test_a_parent_swapped_for_an_outside_symlink_is_never_followed(tmp_path: Path) -> None:
+    # Regression: lstat, the lease probe and the walk followed a symlinked *parent*: a directory swapped for a
+    # link to the sidecar's key directory after its file was seen made the batch ship the key.
+    root, outside = tmp_path / "src", tmp_path / "etc-upsync-ssh"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "id_ed25519").write_text("PRIVATE KEY")
+    (root / "d").mkdir()
+    (root / "d/id_ed25519").write_text("decoy")
+    (root / "d").rename(root / "old")
+    (root / "d").symlink_to(outside)
+    p = plan({"d/id_ed25519": ADDED, "d": ADDED}, root)
+    assert "d/id_ed25519" not in p.send
+    assert p.retract == ["d"]  # the link points out of the tree: the target's old "d" goes, nothing arrives
+    p = plan({"d/id_ed25519": MODIFIED}, root)  # the event for the directory itself came in another batch
+    assert p.send == [] and p.retract == ["d"] and p.delete == []
+
+
+def test_a_new_directory_walk_never_descends_a_symlink(tmp_path: Path) -> None:
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    (root / "new").mkdir()
+    (root / "new/a.jpg").write_text("a")
+    (root / "new/in").symlink_to("../new")  # inside: sent as a link, not walked
+    (root / "new/out").symlink_to(outside)
+    p = plan({"new": ADDED}, root)
+    assert sorted(p.send) == ["new", "new/a.jpg", "new/in"]
+    assert p.retract == ["new/out"]
+    assert not any("secret" in s for s in p.send)
+
+
+def test_in_tree_symlinked_parent_is_not_followed_either(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/f.jpg").write_text("f")
+    (tmp_path / "alias").symlink_to("real")
+    p = plan({"alias/f.jpg": MODIFIED}, tmp_path)
+    assert p.send == ["alias"]  # the link itself (safe) is what changed; its target is sent under its own name
+
+
+def test_a_directory_replaced_by_a_file_sends_the_file_and_deletes_nothing_below(tmp_path: Path) -> None:
+    # Regression: "d/f" (ENOTDIR) was planned as a delete of d/f while d was a file: rsync failed with
+    # "Not a directory" (23), a partial retry, planned identically forever.
+    (tmp_path / "d").write_text("now a file")
+    p = plan({"d/f": MODIFIED, "d/g/h": DELETED}, tmp_path)
+    assert p.send == ["d"] and p.delete == [] and p.retract == []
+
+
+def test_excluded_directories_cover_everything_below_them(tmp_path: Path) -> None:
+    # Regression: with --files-from each listed path was matched on its own, so /cache/ missed cache/x.
+    for d in ("cache/sub", "woocommerce_uploads", "2026"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "cache/sub/x.jpg").write_text("x")
+    (tmp_path / "woocommerce_uploads/order.pdf").write_text("x")
+    (tmp_path / "2026/a.jpg").write_text("x")
+    ex = ("/cache/", "/woocommerce_uploads/")
+    changes = {
+        "cache/sub/x.jpg": ADDED,
+        "woocommerce_uploads": ADDED,
+        "2026/a.jpg": ADDED,
+        "cache/gone.jpg": DELETED,
+        "woocommerce_uploads/old.pdf": DELETED,
+    }
+    p = plan(changes, tmp_path, excludes=ex)
+    assert p.send == ["2026/a.jpg"] and p.delete == []
+
+
+def test_shared_plans_are_made_once_per_batch(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    shared = SharedPlans(Planner(str(tmp_path), Excludes(()), None))
+    first = shared.get(7, {"a": ADDED})
+    first.send.append("mine")  # each target gets its own lists
+    second = shared.get(7, {"a": ADDED})
+    assert second.send == ["a"] and shared.made == 1
+    shared.get(None, {"a": ADDED})  # a target that is behind plans its own
+    assert shared.made == 2
 
 
 def test_pending_merges_and_bounds() -> None:

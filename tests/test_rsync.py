@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.rsync import Rsync, classify, parse_skipped_deletes, parse_stats
+from sidecar.filters import Excludes
+from sidecar.rsync import MISSING_ARGS, RULES, Rsync, classify, parse_stats, receiver_version
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,13 @@ from sidecar.rsync import Rsync, classify, parse_skipped_deletes, parse_stats
         (12, "rsync: connection unexpectedly closed (0 bytes received so far) [sender]", "retry", "network"),
         (30, "rsync error: timeout in data send/receive (code 30)", "retry", "timeout"),
         (1, "rsync: --bogus: unknown option", "fatal", "usage"),
+        (
+            2,
+            "invalid file mode 00 for 2026/12/b.txt [Receiver]\n"
+            "rsync error: protocol incompatibility (code 2) at flist.c(874) [Receiver=3.2.7]",
+            "fatal",
+            "protocol",
+        ),
         (2, "protocol version mismatch", "fatal", "usage"),
         (3, 'rsync: change_dir#3 "/nope" failed: No such file or directory (2)', "retry", "target_path"),
         (99, "", "retry", "error"),
@@ -53,35 +61,65 @@ def test_classify(code: int, stderr: str, kind: str, reason: str) -> None:
 
 def test_stats() -> None:
     out = (
-        "Number of files: 6 (reg: 4, dir: 2)\nNumber of deleted files: 3 (reg: 2, dir: 1)\n"
+        "Number of files: 6 (reg: 4, dir: 2)\nNumber of created files: 2 (reg: 2)\n"
+        "Number of deleted files: 3 (reg: 2, dir: 1)\n"
         "Number of regular files transferred: 10,001\nTotal transferred file size: 163,856,384 bytes\n"
     )
     s = parse_stats(out)
-    assert (s.files, s.bytes, s.deleted) == (10001, 163856384, 3)
+    assert (s.files, s.bytes, s.deleted, s.created, s.total) == (10001, 163856384, 3, 2, 6)
     assert parse_stats("") == parse_stats("garbage")
-    assert parse_skipped_deletes("Deletions stopped due to --max-delete limit (1,234 skipped)") == 1234
-    assert parse_skipped_deletes("nothing") is None
+    assert receiver_version("... at main.c(1338) [Receiver=3.5.0]") == "3.5.0"
+    assert receiver_version("rsync error: ... [sender=3.5.0]") == ""  # our own side: not the receiver
 
 
 def test_command_lines_never_use_inplace_or_remote_shell() -> None:
-    r = Rsync("/src", "u@h:/x/", "ssh -F cfg", "D755,F644", ("*.tmp",), 60)
-    batch = r.batch_args(delete=True, max_delete=100)
-    assert batch[-2:] == ["/src/", "u@h:/x/"]
-    for opt in (
-        "--from0",
-        "--files-from=-",
-        "--delete-missing-args",
-        "--force",
-        "--max-delete=100",
-        "--safe-links",
-        "--chmod=D755,F644",
-        "--exclude=*.tmp",
-        "--timeout=60",
-    ):
-        assert opt in batch
-    assert "--recursive" not in batch  # a batch never walks a tree
-    assert "--ignore-missing-args" in r.batch_args(delete=False, max_delete=1)
-    full = r.full_args(delete=True, max_delete=0)
-    assert "--recursive" in full and "--delete" in full and "--max-delete=0" in full
-    for args in (batch, full):
+    r = Rsync("/src", "u@h:/x/", "ssh -F cfg", "D755,F644", Excludes(["*.tmp", "/cache/"]), 60)
+    send = r.send_args()
+    assert send[-2:] == ["/src/", "u@h:/x/"]
+    for opt in ("--from0", "--files-from=-", "--ignore-missing-args", "--safe-links", "--chmod=D755,F644"):
+        assert opt in send
+    # Each exclude and its /** twin: a listed path below an excluded directory is excluded too.
+    assert {"--exclude=*.tmp", "--exclude=*.tmp/**", "--exclude=/cache/", "--exclude=/cache/**"} <= set(send)
+    assert "--recursive" not in send and "--delete" not in send  # a send never walks a tree, never deletes
+    missing = r.remove_args(MISSING_ARGS, count_only=False, max_delete=7)
+    assert {"--files-from=-", "--delete-missing-args", "--force", "--max-delete=7"} <= set(missing)
+    rules = r.remove_args(RULES, count_only=True)
+    assert {"--recursive", "--delete", "--filter=merge -", "--dry-run"} <= set(rules)
+    assert not any(a.startswith("--max-delete") for a in rules)  # a count deletes nothing anyway
+    full = r.full_args(delete=True, count_only=False, max_delete=5)
+    assert {"--recursive", "--delete", "--max-delete=5", "--filter=merge -"} <= set(full)
+    assert "--dry-run" in r.full_args(delete=True, count_only=True)
+    assert "--delete" not in r.full_args(delete=False, count_only=False)
+    for args in (send, missing, rules, full, r.probe_args("/tmp/x")):
         assert not any(a.startswith(("--inplace", "--partial", "--append")) for a in args)
+        assert "--timeout=60" in args
+
+
+def test_a_run_past_its_slot_still_gets_all_its_input() -> None:
+    # Regression: the slot was released through communicate(timeout=), after which communicate() never wrote
+    # the rest of stdin: a list longer than the pipe buffer given to a slow rsync hung the worker for good.
+    from sidecar.rsync import Slots
+
+    slots = Slots(1, hold_s=0.05)
+    r = Rsync("/src", "u@h:/x/", "ssh", "", Excludes(()), 60, slots=slots)
+    data = b"x" * (1 << 20)
+    result = r.run(["sh", "-c", "sleep 0.3; wc -c"], data)
+    assert result.returncode == 0 and result.stdout.strip() == str(len(data))
+    # ... and the slot was handed on while it waited: another run could start meanwhile.
+    assert slots.acquire() is not None
+
+
+def test_slots_bound_runs_at_once() -> None:
+    import threading
+
+    from sidecar.rsync import Slots
+
+    slots = Slots(2, hold_s=10)
+    first, second = slots.acquire(), slots.acquire()
+    got = threading.Event()
+    threading.Thread(target=lambda: (slots.acquire(), got.set()), daemon=True).start()
+    assert not got.wait(0.2)  # a third waits ...
+    first()
+    first()  # (releasing twice is harmless)
+    assert got.wait(5)  # ... until one is released
+    second()

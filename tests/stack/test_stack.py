@@ -118,9 +118,9 @@ def test_check_passes_inside_the_hardened_container(stack: Stack, service: str) 
     # `check` connects with the pinned host key and writes and deletes a probe on every target.
     proc = stack.compose.exec(stack.id(service), "python", "-m", "sidecar", "check", check=False, timeout=60)
     out = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode == 0 and "wrote and deleted a probe" in out, out
+    assert proc.returncode == 0 and "sent and deleted a probe" in out, out
     if service == "fanout":
-        assert out.count("wrote and deleted a probe") == len(stack.web_nodes()), out
+        assert out.count("sent and deleted a probe") == len(stack.web_nodes()), out
 
 
 @pytest.mark.involves("content")
@@ -141,7 +141,7 @@ def test_image_takes_inline_secrets_and_runs_as_any_uid(stack: Stack) -> None:
     proc = run([*run_, image, "check"], env=env, check=False, timeout=60)
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out
-    assert "/run/upsync/entrypoint." in out and "wrote and deleted a probe" in out, out
+    assert "/run/upsync/entrypoint." in out and "sent and deleted a probe" in out, out
     # The inline key and a key file at once: one line on stderr, exit 2, and the key is not echoed.
     proc = run([*run_, "-e", "SYNC_SSH_KEY_FILE=/etc/upsync/ssh/id_ed25519", image], env=env, check=False)
     err = proc.stderr.decode()

@@ -1,0 +1,202 @@
+"""Confine what the rsync sender (and the ssh mux client it starts) may read: the source, and what running
+needs (programs, libraries, a few public files of /etc) — never the ssh key, the runtime directory, /proc or
+anything else. Kernel-enforced with Landlock (Linux >= 5.13).
+
+Why: the planner never follows a symlink on the way to a path (:mod:`sidecar.paths`), but rsync opens the
+files again a few milliseconds later, by name. A directory swapped for a symlink in between would make rsync
+read through it. In the sandbox that read fails (EACCES: reported as an unreadable file, nothing is sent).
+
+The ruleset is built once in the daemon (building does not restrict the daemon); each rsync child applies it
+to itself between fork and exec (``preexec_fn``): only two system calls there, no Python-level locks.
+
+No maintained Python binding exists (PyPI's ``landlock`` is an alpha development release), so the three
+system calls are made with ctypes here; numbers and structures from ``linux/landlock.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import stat
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from . import logs
+
+__all__ = ["Sandbox", "SandboxError", "SourceSandbox", "abi_version"]
+
+log = logs.get("sandbox")
+
+# x86_64 and aarch64 (the generic table) share these numbers.
+_SYS_CREATE_RULESET = 444
+_SYS_ADD_RULE = 445
+_SYS_RESTRICT_SELF = 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_ACCESS_EXECUTE = 1 << 0
+_ACCESS_READ_FILE = 1 << 2
+_ACCESS_READ_DIR = 1 << 3
+# Only reads (and exec) are confined: the sender writes nothing but to its pipes.
+_HANDLED = _ACCESS_EXECUTE | _ACCESS_READ_FILE | _ACCESS_READ_DIR
+
+# What rsync and ssh need to start and run: programs and libraries (public, from the distribution) ...
+_SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+# ... and a few files of /etc: the dynamic loader's cache, and the passwd/group entries ssh looks its user
+# up in (or their libnss-wrapper copies, named by the environment).
+_SYSTEM_FILES = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.preload",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/localtime",
+    "/dev/null",
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_prctl = _libc.prctl
+_prctl.restype = ctypes.c_int
+
+
+class SandboxError(Exception):
+    """Landlock cannot be used here; the message says why."""
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in linux/landlock.h
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def abi_version() -> int:
+    """The kernel's Landlock ABI version; 0 when it has none (too old, disabled, or blocked by seccomp)."""
+    if platform.system() != "Linux":
+        return 0
+    version = _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    return max(0, int(version))
+
+
+def _why(errno_: int) -> str:
+    return os.strerror(errno_) if errno_ else "unknown error"
+
+
+class Sandbox:
+    """A ruleset allowing reads (and exec) only beneath ``read_trees`` and of ``read_files``, plus the
+    system's programs and libraries.
+
+    Raises:
+        SandboxError: the kernel offers no Landlock (see :func:`abi_version`) or a rule cannot be added.
+    """
+
+    def __init__(self, read_trees: Iterable[str | Path], read_files: Iterable[str | Path] = ()) -> None:
+        if abi_version() < 1:
+            raise SandboxError("the kernel offers no Landlock (Linux >= 5.13 with landlock in its LSM list)")
+        attr = _RulesetAttr(_HANDLED)
+        fd = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0)
+        if fd < 0:
+            raise SandboxError(f"landlock_create_ruleset: {_why(ctypes.get_errno())}")
+        self.fd = int(fd)
+        os.set_inheritable(self.fd, True)
+        self.allowed: list[str] = []
+        try:
+            for tree in _SYSTEM_TREES:
+                self._allow(tree, _HANDLED, optional=True)
+            for tree in read_trees:
+                self._allow(tree, _ACCESS_READ_FILE | _ACCESS_READ_DIR)
+            nss = [os.environ.get("NSS_WRAPPER_PASSWD", ""), os.environ.get("NSS_WRAPPER_GROUP", "")]
+            for file in (*_SYSTEM_FILES, *nss):
+                if file:
+                    self._allow(file, _ACCESS_READ_FILE, optional=True)
+            for file in read_files:
+                self._allow(file, _ACCESS_READ_FILE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _allow(self, path: str | Path, access: int, optional: bool = False) -> None:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if optional:
+                return
+            raise SandboxError(f"cannot allow {path}: it does not exist") from None
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISDIR(st.st_mode):
+                access &= ~_ACCESS_READ_DIR  # directory rights on a file are an error (EINVAL)
+            rule = _PathBeneathAttr(access, pfd)
+            if _syscall(_SYS_ADD_RULE, self.fd, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                raise SandboxError(f"landlock_add_rule({path}): {_why(ctypes.get_errno())}")
+            self.allowed.append(str(path))
+        finally:
+            os.close(pfd)
+
+    def preexec(self) -> Callable[[], None]:
+        """The function to run in the child between fork and exec (``subprocess.Popen(preexec_fn=...)``)."""
+        fd = self.fd
+        syscall, prctl = _syscall, _prctl
+
+        def restrict() -> None:
+            # Landlock requires no_new_privs (or CAP_SYS_ADMIN); the sender has no use for setuid anyway.
+            if prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or syscall(_SYS_RESTRICT_SELF, fd, 0) != 0:
+                raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+
+        return restrict
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SourceSandbox:
+    """The sender's sandbox for one source, rebuilt when the source directory is replaced.
+
+    Landlock rules name inodes: a source deleted and made again (a volume recreated, remounted) is another
+    directory, outside the old ruleset, and every read would be refused. Each run asks :meth:`preexec`, which
+    compares the source's device and inode with those the current ruleset was built for (one ``stat``).
+
+    Raises:
+        SandboxError: from the first build (the kernel offers no Landlock).
+    """
+
+    def __init__(self, root: str, read_files: Iterable[str | Path] = ()) -> None:
+        self.root = root
+        self.read_files = tuple(read_files)
+        self._lock = threading.Lock()
+        self._built: list[Sandbox] = []  # kept open until close(): a child may be starting with an old one
+        self._identity: tuple[int, int] | None = None
+        self._restrict: Callable[[], None] | None = None
+        self._build()
+
+    def _build(self) -> None:
+        st = os.stat(self.root)
+        sandbox = Sandbox([self.root], self.read_files)
+        self._built.append(sandbox)
+        self._identity = (st.st_dev, st.st_ino)
+        self._restrict = sandbox.preexec()
+
+    def preexec(self) -> Callable[[], None]:
+        """The function for ``Popen(preexec_fn=...)`` that confines the child to the source as it is now."""
+        with self._lock:
+            try:
+                st = os.stat(self.root)
+                if (st.st_dev, st.st_ino) != self._identity:
+                    log.info("the source directory was replaced; sandbox rebuilt for it", extra={"fields": {}})
+                    self._build()
+            except OSError:
+                pass  # gone: the source guard refuses the sync anyway
+            assert self._restrict is not None
+            return self._restrict
+
+    def close(self) -> None:
+        with self._lock:
+            for sandbox in self._built:
+                sandbox.close()
+            self._built.clear()
