@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import logs
 from .filters import delete_rules
+from .plan import files_from
 from .rsync import (
     MISSING_ARGS,
     PROBE_DIR,
@@ -146,7 +147,7 @@ class Transport:
     def _removal(self, delete: list[str], retract: list[str]) -> tuple[str, bytes]:
         assert self.receiver is not None
         if self.receiver.method == MISSING_ARGS and not retract:
-            return MISSING_ARGS, b"".join(os.fsencode(p) + b"\0" for p in sorted(delete))
+            return MISSING_ARGS, files_from(delete)
         return RULES, delete_rules([*delete, *retract])
 
     def count_removals(self, delete: list[str], retract: list[str]) -> int:
