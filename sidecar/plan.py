@@ -81,7 +81,7 @@ def files_from(paths: Iterable[str]) -> bytes:
 
     Example:
         >>> files_from(["b", "#a"])
-        b'./#a\x00./b\x00'
+        b'./#a\\x00./b\\x00'
     """
     return b"".join(b"./" + os.fsencode(p) + b"\0" for p in sorted(paths))
 
