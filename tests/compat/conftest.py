@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,9 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is None or "target" not in callspec.params:
+        version = callspec.params.get("target") if callspec is not None else None
+        if not isinstance(version, TargetVersion):  # (this hook sees every test of the session)
             continue
-        version: TargetVersion = callspec.params["target"]
         for mark in item.iter_markers("known_failure"):
             if mark.args[0] == version.rsync:
                 item.add_marker(pytest.mark.xfail(strict=True, reason=mark.kwargs["reason"]))
@@ -79,6 +80,12 @@ def target(request: pytest.FixtureRequest, host_key: KeyPair, client_key: KeyPai
         yield container
     finally:
         container.stop()
+
+
+@pytest.fixture
+def dst(target: TargetContainer, request: pytest.FixtureRequest) -> Path:
+    """This test's own, empty target directory (the account's key now writes there, and only there)."""
+    return target.fresh_target(request.node.originalname)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

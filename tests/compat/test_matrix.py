@@ -88,12 +88,6 @@ def converge(sidecar: Sidecar, source: Path, dst: Path, timeout: float = 20) -> 
 
 
 @pytest.fixture
-def dst(target: TargetContainer, request: pytest.FixtureRequest) -> Path:
-    """This test's own, empty target directory (the account's key now writes there)."""
-    return target.fresh_target(request.node.originalname)
-
-
-@pytest.fixture
 def daemon(target: TargetContainer, dst: Path, source: Path, client_key: KeyPair, workdir: Path, sidecars):
     """Start the daemon against this test's target directory; extra kwargs are SYNC_* settings."""
 
