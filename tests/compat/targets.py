@@ -97,6 +97,7 @@ def build_image(version: TargetVersion) -> float:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"could not build {version.base}:\n{proc.stderr[-3000:]}")
+    before = docker("image", "inspect", "-f", "{{.Id}}", version.image, check=False).stdout.strip()
     # The classic builder: this engine's CLI has no buildx, which BuildKit would need.
     env = dict(os.environ, DOCKER_BUILDKIT="0")
     args = [
@@ -116,6 +117,9 @@ def build_image(version: TargetVersion) -> float:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=BUILD_TIMEOUT, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"could not build {version.image}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    if before and before != proc.stdout.strip():
+        # The Dockerfile changed: the previous build lost its tag. Remove it (refused if still in use).
+        docker("rmi", before, check=False)
     return time.monotonic() - start
 
 

@@ -192,7 +192,9 @@ def test_odd_names_deleted(source: Path, dst: Path, daemon) -> None:
 
 def test_delete_guard_in_a_batch(source: Path, dst: Path, daemon) -> None:
     fill(source, {f"img-{i}.jpg": os.urandom(300) for i in range(8)})
-    sidecar = daemon(SYNC_MAX_DELETE="3")
+    # A long quiet window: the six deletes must reach the daemon as one batch even on a loaded machine
+    # (split in two, each part would be within the limit, and rightly deleted).
+    sidecar = daemon(SYNC_MAX_DELETE="3", SYNC_QUIET_MS="500", SYNC_MAX_DELAY_MS="5000")
     for i in range(6):
         (source / f"img-{i}.jpg").unlink()
     (source / "added-meanwhile.jpg").write_text("x")
@@ -223,27 +225,22 @@ def test_delete_guard_in_a_full_sync(source: Path, dst: Path, daemon) -> None:
     assert (dst / "seed.txt").read_text() == "seed\n", "but sent everything"
 
 
-def stopped_then_deleted(source: Path, dst: Path, daemon) -> Sidecar:
-    """Replicate a tree, stop the daemon, delete a file and a directory while it is not running."""
-    fill(source, {"gone.jpg": b"g", "album/1.jpg": b"1", "album/sub/2.jpg": b"2", "kept.jpg": b"k"})
+def test_full_sync_deletes(source: Path, dst: Path, daemon) -> None:
+    """What was deleted while the daemon was not running goes with ``once``, and with a restart."""
+    fill(source, {"gone.jpg": b"g", "album/1.jpg": b"1", "album/sub/2.jpg": b"2", "2026/12/gone.jpg": b"g"})
+    fill(source, {"2026/12/kept.jpg": b"k", "2026/11/a.jpg": b"a", "2026/11/sub/b.jpg": b"b"})
     sidecar = daemon()
     assert sidecar.stop(signal.SIGTERM) == 0
     (source / "gone.jpg").unlink()
+    (source / "2026/12/gone.jpg").unlink()
     shutil.rmtree(source / "album")
     assert (dst / "gone.jpg").exists() and (dst / "album/sub/2.jpg").exists()
-    return sidecar
-
-
-def test_full_sync_deletes_with_once(source: Path, dst: Path, daemon) -> None:
-    sidecar = stopped_then_deleted(source, dst, daemon)
     result = sidecar.run("once")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not tree_diff(source, dst)
 
-
-def test_full_sync_deletes_after_a_restart(source: Path, dst: Path, daemon) -> None:
-    stopped_then_deleted(source, dst, daemon)
-    daemon()  # ready: its first full sync is done, and has deleted what went while it was stopped
+    shutil.rmtree(source / "2026/11")
+    daemon()  # ready: its first full sync is done, and has deleted what went while nothing was running
     assert not tree_diff(source, dst)
 
 
@@ -266,4 +263,8 @@ def test_names_like_files_from_comments(source: Path, dst: Path, daemon) -> None
     # Sent in the same batch as the names above, or a later one: once it is there, they were sent too.
     wait_until(lambda: (dst / "sentinel.jpg").exists(), 15, "the sentinel on the target")
     sidecar.check_alive()
-    assert not tree_diff(source, dst)
+    diff = tree_diff(source, dst)
+    if sidecar.metric("upsync_syncs_total", kind="full") > 1:
+        # A full sync (after a stall of a starved daemon) sends them too: this run proves nothing about batches.
+        pytest.skip("a full sync ran meanwhile")
+    assert not diff

