@@ -1,7 +1,7 @@
 """The compatibility matrix: every test here runs once per target rsync version (``VERSIONS``).
 
 One container per version per module (module-scoped, parametrized: pytest groups the tests by version),
-a fresh target directory per test. Needs Docker (CI has it); skipped only with ``UPSYNC_SKIP_COMPAT=1``.
+a fresh target directory per test. Needs Docker (CI has it) and root; skipped with ``UPSYNC_SKIP_COMPAT=1``.
 
 Known incompatibilities are marked where the test is defined, with ``@known_failure(<rsync version>,
 reason=...)``; it becomes ``xfail(strict=True)`` for that version only, so a fix shows as an XPASS that

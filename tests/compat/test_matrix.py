@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 # Debian's 3.2.7-1+deb12u5 and later carry the 2026 security backport that rejects the mode-0 entries
 # --delete-missing-args sends ("invalid file mode 00 ... protocol incompatibility (code 2)"); upstream
-# fixed it in 3.4.4 (RsyncProject/rsync#910). Every delete the daemon sends in a batch fails against it.
+# fixed it in 3.4.4 (RsyncProject/rsync#910). A batch with a delete fails against it unless every missing
+# entry comes first in the list and is top-level (docs/compatibility.md); each case below has a nested one.
 deletes_in_a_batch = pytest.mark.known_failure(
     "3.2.7", reason="3.2.7 receiver rejects --delete-missing-args; daemon fix pending"
 )
