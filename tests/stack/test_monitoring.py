@@ -25,6 +25,7 @@ from tests.stack.harness import (
     TIMINGS,
     Stack,
     git_revision,
+    request,
     run,
     sha256,
     wait_for,
@@ -139,6 +140,9 @@ def test_prometheus_scrapes_both_daemons_and_loads_the_rules(stack: Stack, prome
         "sidecar": f"http://sidecar-metrics:{METRICS_PORT}/metrics",
         "fanout": f"http://fanout-metrics:{METRICS_PORT}/metrics",
     }
+    # The UI pages the docs name (Debian's package serves the classic UI, under /classic/).
+    for page in ("/classic/graph", "/classic/alerts", "/classic/targets", "/classic/rules"):
+        assert request(prometheus.base + page).status == 200, page
     rules = {rule["name"]: rule for rule in prometheus.rules()}
     assert set(rules) == ALERTS
     assert all(rule["health"] == "ok" for rule in rules.values()), rules
