@@ -190,16 +190,11 @@ def _chromium(args: Sequence[str], timeout: float) -> subprocess.CompletedProces
     return proc
 
 
-def screenshot(url: str, path: Path, size: tuple[int, int] = (1280, 900), timeout: float = 120) -> bytes:
-    """A PNG of ``url`` as Chromium draws it; returns its bytes."""
+def render(url: str, path: Path, size: tuple[int, int] = (1280, 900), timeout: float = 120) -> tuple[str, bytes]:
+    """One Chromium run: the page's DOM after its scripts ran, and a PNG of it (also written to ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _chromium([f"--window-size={size[0]},{size[1]}", f"--screenshot={path}", url], timeout)
-    return path.read_bytes()
-
-
-def rendered_dom(url: str, timeout: float = 120) -> str:
-    """The page's DOM after its scripts ran (what the screenshot shows, as HTML)."""
-    return _chromium(["--dump-dom", url], timeout).stdout.decode(errors="replace")
+    proc = _chromium([f"--window-size={size[0]},{size[1]}", "--dump-dom", f"--screenshot={path}", url], timeout)
+    return proc.stdout.decode(errors="replace"), path.read_bytes()
 
 
 # ----- what a drawn graph looks like -------------------------------------------------------------------

@@ -42,8 +42,7 @@ from tests.stack.prom import (
     label_values_query,
     numbers,
     pixels_of,
-    rendered_dom,
-    screenshot,
+    render,
     substitute,
     variable_queries,
 )
@@ -345,38 +344,29 @@ def test_a_screenshot_of_the_latency_graph(prometheus: Prometheus, tmp_path_fact
     it stays in pytest's temporary directory, so a test run leaves the checkout unchanged.
     """
     url = prometheus.graph_url(LATENCY_P95, "2m")  # about as long as the stack has been up
-    out = tmp_path_factory.mktemp("screenshot")
-    path = out / DOCS_SCREENSHOT.name
+    path = tmp_path_factory.mktemp("screenshot") / DOCS_SCREENSHOT.name
     start = time.monotonic()
-    seen: list[str] = []
 
-    def drawn() -> tuple[str, dict[str, int]] | None:
+    def drawn() -> tuple[dict[str, int], int] | None:
         # The page draws after its own query returns: on a loaded machine Chromium's snapshot can come
         # first (an empty chart), so a snapshot without the lines is taken again, up to the deadline.
-        dom = rendered_dom(url)
-        seen[:] = [dom]
+        dom, png = render(url, path)
+        path.with_suffix(".html").write_text(dom)
         assert not graph_error_shown(dom), f"the graph page shows an error: {dom[-3000:]}"
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
         lines = graph_lines(dom)
-        # Content, and each web node through the fanout; each line drawn through several points.
-        return (dom, lines) if len(lines) >= 3 and all(points >= 2 for points in lines.values()) else None
-
-    try:
-        (dom, lines), _ = wait_for(drawn, 90, "the latency graph drawn with a line per target", interval=1)
-    except TimeoutError as exc:
-        (out / "graph.html").write_text(seen[0] if seen else "")
-        raise AssertionError(f"{exc}; the last page is in {out / 'graph.html'}") from None
-    assert 'instance="sidecar"' in dom and 'instance="fanout"' in dom
-
-    def shot() -> tuple[bytes, int] | None:
-        png = screenshot(url, path)
-        # The series are in the picture too (their colours: lines, legend), not only the page around them.
+        # Content, and each web node through the fanout; each line drawn through several points ...
+        if len(lines) < 3 or any(points < 2 for points in lines.values()):
+            return None
+        assert 'instance="sidecar"' in dom and 'instance="fanout"' in dom
+        # ... and in the picture too (their colours: lines and legend), not only the page around them.
         pixels = pixels_of(png, lines)
-        return (png, pixels) if png.startswith(b"\x89PNG\r\n\x1a\n") and pixels >= 100 else None
+        return (lines, pixels) if pixels >= 100 else None
 
     try:
-        wait_for(shot, 90, f"a screenshot with the series' colours {sorted(lines)}", interval=1)
+        wait_for(drawn, 90, "the latency graph drawn with a line per target", interval=1)
     except TimeoutError as exc:
-        raise AssertionError(f"{exc}; the last one is {path}") from None
+        raise AssertionError(f"{exc}; the last page: {path} and {path.with_suffix('.html')}") from None
     _report("headless Chromium: graph page drawn and screenshot taken", time.monotonic() - start)
     if os.environ.get("UPSYNC_UPDATE_DOCS") == "1":
         shutil.copyfile(path, DOCS_SCREENSHOT)
