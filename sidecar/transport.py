@@ -40,6 +40,8 @@ __all__ = ["Receiver", "Run", "TransferError", "Transport"]
 
 log = logs.get("transport")
 
+# rsync's exit code for a protocol incompatibility (errcode.h: RERR_PROTOCOL).
+RSYNC_PROTOCOL_ERROR = 2
 # How often, and how far apart, a run refused by rrsync's per-directory lock is tried again at once (another
 # rsync is writing: `check` or `plan` next to the daemon, or a dying one of ours) before it counts as failed.
 _BUSY_TRIES = 20
@@ -133,7 +135,9 @@ class Transport:
         outcome = classify(result.returncode, result.stderr)
         if outcome.kind in ("ok", "vanished"):
             return Receiver(MISSING_ARGS, receiver_version(result.stderr))
-        if outcome.reason == "protocol":
+        if result.returncode == RSYNC_PROTOCOL_ERROR:
+            # 3.2.x: "invalid file mode 00 ... protocol incompatibility" (under load, sometimes exit 2 with no
+            # message at all). Filter rules work on every rsync, so any protocol error means: use them.
             return Receiver(RULES, receiver_version(result.stderr))
         self._raise(outcome)
         raise AssertionError("unreachable")

@@ -21,11 +21,9 @@ pytestmark = pytest.mark.integration
 
 # Debian's 3.2.7-1+deb12u5 and later carry the 2026 security backport that rejects the mode-0 entries
 # --delete-missing-args sends ("invalid file mode 00 ... protocol incompatibility (code 2)"); upstream
-# fixed it in 3.4.4 (RsyncProject/rsync#910). A batch with a delete fails against it unless every missing
-# entry comes first in the list and is top-level (docs/compatibility.md); each case below has a nested one.
-deletes_in_a_batch = pytest.mark.known_failure(
-    "3.2.7", reason="3.2.7 receiver rejects --delete-missing-args; daemon fix pending"
-)
+# fixed it in 3.4.4 (RsyncProject/rsync#910). A batch with a delete failed against it unless every missing
+# entry came first in the list and was top-level (docs/compatibility.md); each case below has a nested one.
+# The daemon now probes each receiver and deletes by filter rules where it must: these pass on every version.
 
 # Names that break naive handling: shell and option syntax, rsync wildcards and filter-rule syntax
 # (a delete expressed as filter rules must escape them), a newline, unicode, edge whitespace.
@@ -126,7 +124,6 @@ def test_modify_same_size_within_a_second(source: Path, dst: Path, daemon) -> No
     assert (dst / "2026/12/a.txt").read_bytes() == b"version 2"
 
 
-@deletes_in_a_batch
 def test_delete_file(source: Path, dst: Path, daemon) -> None:
     fill(source, {"2026/12/a.txt": b"a", "2026/12/b.txt": b"b"})
     sidecar = daemon()
@@ -135,7 +132,6 @@ def test_delete_file(source: Path, dst: Path, daemon) -> None:
     assert not (dst / "2026/12/b.txt").exists()
 
 
-@deletes_in_a_batch
 def test_delete_directory_with_files(source: Path, dst: Path, daemon) -> None:
     fill(source, {"2026/album/1.jpg": b"1", "2026/album/sub/2.jpg": b"2", "2026/album-2/keep.jpg": b"k"})
     fill(source, {"top/3.jpg": b"3", "top/sub/4.jpg": b"4"})
@@ -146,7 +142,6 @@ def test_delete_directory_with_files(source: Path, dst: Path, daemon) -> None:
     assert not (dst / "2026/album").exists() and (dst / "2026/album-2/keep.jpg").exists()
 
 
-@deletes_in_a_batch
 def test_rename_file(source: Path, dst: Path, daemon) -> None:
     fill(source, {"album/0.jpg": b"zero", "other/.keep": b""})
     sidecar = daemon()
@@ -157,7 +152,6 @@ def test_rename_file(source: Path, dst: Path, daemon) -> None:
     assert not (dst / "album/0.jpg").exists() and not (dst / "album/zero.jpg").exists()
 
 
-@deletes_in_a_batch
 def test_rename_directory(source: Path, dst: Path, daemon) -> None:
     fill(source, {f"2026/album/{i}.jpg": os.urandom(1000) for i in range(5)} | {"2026/album/sub/x.jpg": b"x"})
     sidecar = daemon()
@@ -176,7 +170,6 @@ def test_odd_names(source: Path, dst: Path, daemon) -> None:
     converge(sidecar, source, dst)
 
 
-@deletes_in_a_batch
 def test_odd_names_deleted(source: Path, dst: Path, daemon) -> None:
     (source / ODD_DIR).mkdir()
     for path in odd_paths():
@@ -252,10 +245,6 @@ def test_check_exits_zero(source: Path, dst: Path, target: TargetContainer, clie
     assert tree(dst) == {}, "the probe file was deleted again"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon: rsync --files-from skips entries that begin with # or ; (comments); a ./ prefix avoids it",
-)
 def test_names_like_files_from_comments(source: Path, dst: Path, daemon) -> None:
     sidecar = daemon()
     for name in ("#comment.jpg", ";comment.jpg"):
