@@ -185,6 +185,10 @@ put "$RUN_DIR/sshd/host_key" 0600 <"$host_key_src"
 "${wrap[@]}" ssh-keygen -y -P '' -f "$RUN_DIR/sshd/host_key" 2>/dev/null | put "$RUN_DIR/sshd/host_key.pub" 0644 &&
 	[ -s "$RUN_DIR/sshd/host_key.pub" ] ||
 	invalid NODE_HOST_KEY_FILE "$host_key_src" "an OpenSSH private key without a passphrase (make one: ssh-keygen -t ed25519 -N '' -f FILE)"
+# (Its copy is world-readable: a private key named here by mistake must never get that far.)
+if grep -q 'PRIVATE KEY' "$auth_keys_src"; then
+	invalid NODE_AUTHORIZED_KEYS_FILE "$auth_keys_src" "an authorized_keys file of public keys, not a private key"
+fi
 put "$RUN_DIR/home/authorized_keys" 0644 <"$auth_keys_src"
 fingerprints=$("${wrap[@]}" ssh-keygen -l -f "$RUN_DIR/home/authorized_keys" 2>/dev/null | cut -d' ' -f2 | paste -sd' ') || fingerprints=
 [ -n "$fingerprints" ] ||
