@@ -205,8 +205,8 @@ def test_troubleshooting_row_shows_the_documented_log_line(
 
 # ----- a VM or bare Debian host -----------------------------------------------------------------------
 
-# Debian with nginx on its default site, standing in for a host. The packages the steps install are
-# in this cached layer, so their `apt-get install` (which still runs) finds them installed.
+# Debian with nginx on its default site, standing in for a host, and the documented packages block
+# run on it (a cached layer: the build context holds only that block, so it is rebuilt when it changes).
 VM_BASE = """FROM debian:bookworm-slim
 RUN set -eux; \\
     if ! grep -rqs bookworm-security /etc/apt/sources.list /etc/apt/sources.list.d/; then \\
@@ -214,10 +214,12 @@ RUN set -eux; \\
             > /etc/apt/sources.list.d/security.list; \\
     fi; \\
     apt-get update; \\
-    apt-get install -y --no-install-recommends nginx openssh-server rsync python3; \\
+    apt-get install -y --no-install-recommends nginx; \\
     rm -rf /var/lib/apt/lists/*
+COPY packages.sh /root/
+RUN cd /root && bash -Eeuo pipefail packages.sh
 """
-# The steps as root in /root; systemd would make /run/sshd and start the daemons.
+# The account steps as root in /root, with this run's key; systemd would make /run/sshd and start sshd.
 VM_STEPS = """FROM {base}
 WORKDIR /root
 COPY steps.sh upsync_ed25519.pub /root/
@@ -228,12 +230,15 @@ CMD ["sh", "-c", "mkdir -p /run/sshd && /usr/sbin/sshd -D -e & exec nginx -g 'da
 
 @pytest.fixture(scope="module")
 def vm(network: str, client: KeyPair) -> Iterator[t.Container]:
-    base = t.build(f"upsync/targets-vm-base:{t.TAG}", VM_BASE)
     context = Path(tempfile.mkdtemp(prefix="upsync-targets-vm-"))
     try:
-        (context / "steps.sh").write_text(t.doc_block("targets:vm-steps"))
-        shutil.copy(client.public, context / "upsync_ed25519.pub")
-        image = t.build(f"upsync/targets-vm:{t.TAG}", VM_STEPS.format(base=base), context=context)
+        (context / "base").mkdir()
+        (context / "base" / "packages.sh").write_text(t.doc_block("targets:vm-packages"))
+        base = t.build(f"upsync/targets-vm-base:{t.TAG}", VM_BASE, context=context / "base")
+        (context / "steps").mkdir()
+        (context / "steps" / "steps.sh").write_text(t.doc_block("targets:vm-steps"))
+        shutil.copy(client.public, context / "steps" / "upsync_ed25519.pub")
+        image = t.build(f"upsync/targets-vm:{t.TAG}", VM_STEPS.format(base=base), context=context / "steps")
         with t.started(lambda: t.docker_run(["--name", t.unique("vm"), image], network=network)) as host:
             host.wait_listening(22, 80)
             yield host
