@@ -9,8 +9,8 @@
 #   non-root  started as the account's uid (user: "10001:10001", Kubernetes runAsNonRoot): sshd runs
 #             unprivileged (it can log in only its own uid, which is the account) and nginx without
 #             a `user`; ports 2222 and 8080 by default. Needs no capability at all.
-# Everything written at start goes to RUN_DIR (a tmpfs on /run), so the root file system can be
-# read-only. Exit 2: invalid configuration, one line naming the variable; 1: a daemon failed.
+# Everything written at start goes to RUN_DIR (a tmpfs there, or on /run), so the root file system
+# can be read-only. Exit 2: invalid configuration, one line naming the variable; 1: a daemon failed.
 set -Eeuo pipefail
 
 RUN_DIR=/run/upsync-node
@@ -125,7 +125,9 @@ readable() {
 	local hint="mount it: a volume, a Docker secret or a Kubernetes Secret; compose: the keys volume at /etc/upsync/node"
 	[ -e "$2" ] || invalid "$1" "$2" "an existing file holding $3 ($hint)"
 	[ -f "$2" ] && [ -s "$2" ] || invalid "$1" "$2" "a non-empty file holding $3"
-	[ -r "$2" ] || invalid "$1" "$2" "readable by uid $euid (give the secret a mode or group that lets it read)"
+	# Read, not `test -r`: root without CAP_DAC_OVERRIDE passes the test yet cannot read another uid's 0600 file.
+	head -c 1 "$2" >/dev/null 2>&1 ||
+		invalid "$1" "$2" "readable by uid $euid (give the file a mode or group that lets it read: 0444, or 0440 and its group)"
 }
 readable NODE_HOST_KEY_FILE "$host_key_src" "the node's ssh host private key"
 readable NODE_AUTHORIZED_KEYS_FILE "$auth_keys_src" "the sidecar's public key(s)"
@@ -196,7 +198,8 @@ fingerprints=$("${wrap[@]}" ssh-keygen -l -f "$RUN_DIR/home/authorized_keys" 2>/
 
 # ----- the copy -----------------------------------------------------------------------------------
 
-if [ ! -d "$uploads" ] && ! mkdir -p "$uploads" 2>/dev/null; then
+# (Made with the daemons' umask: nginx's workers must be able to walk through any parent it makes.)
+if [ ! -d "$uploads" ] && ! (umask "$umask_daemons" && mkdir -p "$uploads") 2>/dev/null; then
 	invalid NODE_UPLOADS_DIR "$uploads" "a directory (mount a volume there; the root file system is read-only)"
 fi
 if [ -n "$root" ]; then

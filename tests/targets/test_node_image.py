@@ -4,6 +4,7 @@ and the bad values (exit 2, one line)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -272,6 +273,26 @@ def test_bad_value_exits_2_with_one_line(node_image: str, documented_keys: Path,
     )
     err = proc.stderr.decode()
     assert (proc.returncode, err) == (2, line + "\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a key file of another uid)")
+def test_key_file_root_cannot_read_exits_2_with_one_line(node_image: str, documented_keys: Path, workdir: Path):
+    # Another uid's 0600 file: root in the container cannot read it without CAP_DAC_OVERRIDE.
+    key = workdir / "host_key"
+    shutil.copy(documented_keys / "node-keys" / "ssh_host_ed25519_key", key)
+    os.chown(key, 12345, 12345)
+    key.chmod(0o600)
+    proc = t.run(
+        ["docker", "run", "--rm", *HARDENED, "-v", f"{key}:/run/secrets/host_key:ro",
+         "-e", "NODE_HOST_KEY_FILE=/run/secrets/host_key", node_image],
+        check=False,
+        timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr.decode()) == (
+        2,
+        'node: invalid NODE_HOST_KEY_FILE="/run/secrets/host_key": must be readable by uid 0 '
+        "(give the file a mode or group that lets it read: 0444, or 0440 and its group)\n",
+    )
 
 
 def test_no_writable_runtime_directory_exits_2_with_one_line(node_image: str, documented_keys: Path):
