@@ -93,7 +93,9 @@ def build_node_image() -> str:
     """The node image exactly as the compose stack builds it (same builder, same cache)."""
     old = image_id(NODE_IMAGE)
     env = {**os.environ, "COMPOSE_BAKE": "false", "UPSYNC_TAG": TAG}
-    project = f"upsync-targets-build-{secrets.token_hex(3)}"
+    # A build only (no containers, networks or volumes), under a fixed name: compose labels the image
+    # with it, so an unchanged build keeps its image id from run to run.
+    project = "upsync-test-targets-build"
     run(
         ["docker", "compose", "-p", project, "-f", str(COMPOSE_FILE), "build", "content"],
         env=env,
