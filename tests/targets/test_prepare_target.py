@@ -20,10 +20,6 @@ pytestmark = pytest.mark.targets
 
 # plain nginx stand-in: build arg SECURITY -> the rsync Debian installs from those sources.
 VARIANTS = {"bookworm-security": ("yes", "3.5.0"), "bookworm": ("no", "3.2.7")}
-DELETES_ON_327 = (
-    "the sidecar's deletes fail against an rsync 3.2.7 receiver (bookworm main): rsync reports "
-    "'invalid file mode 00 ... [Receiver]' for --delete-missing-args; the lead is fixing the daemon"
-)
 UPLOADS = "/usr/share/nginx/html/wp-content/uploads"
 
 
@@ -115,23 +111,15 @@ def test_fragment_modified_file_is_served_new(fragment_target: Target):
     t.wait_content(fragment_target.read, "2026/12/photo.jpg", data, "a modified file")
 
 
-def _expect_deletes(target: Target, request: pytest.FixtureRequest) -> float:
-    """How long a delete may take to reach nginx; against 3.2.7, an expected failure (a delete
-    takes well under a second when it works, so the expected failure need not wait long)."""
-    if target.rsync != "3.2.7":
-        return t.SERVED_TIMEOUT
-    request.applymarker(pytest.mark.xfail(strict=True, reason=DELETES_ON_327))
-    return 5
-
-
-def test_fragment_deleted_file_gives_404(fragment_target: Target, request: pytest.FixtureRequest):
-    timeout = _expect_deletes(fragment_target, request)
+def test_fragment_deleted_file_gives_404(fragment_target: Target):
+    # 3.2.7 receivers too: the daemon deletes by filter rules there.
+    timeout = t.SERVED_TIMEOUT
     (fragment_target.source / "2026/12/photo.jpg").unlink()
     t.wait_content(fragment_target.read, "2026/12/photo.jpg", None, "a deleted file", timeout)
 
 
-def test_fragment_deleted_directory_gives_404(fragment_target: Target, request: pytest.FixtureRequest):
-    timeout = _expect_deletes(fragment_target, request)
+def test_fragment_deleted_directory_gives_404(fragment_target: Target):
+    timeout = t.SERVED_TIMEOUT
     shutil.rmtree(fragment_target.source / "album")
     for rel in ("album/a.jpg", "album/sub/b.jpg"):
         t.wait_content(fragment_target.read, rel, None, "a deleted directory's files", timeout)
