@@ -188,7 +188,7 @@ def test_troubleshooting_row_shows_the_documented_log_line(
     finally:
         node.exec(*repair)
     code, out = _check(node, source, known, client, workdir)
-    assert code == 0 and "wrote and deleted a probe file" in out, out
+    assert code == 0 and "sent and deleted a probe file as batches do" in out, out
 
 
 # ----- a VM or bare Debian host -----------------------------------------------------------------------
