@@ -41,6 +41,7 @@ COMMANDS = {
     "check": "check the config, the source, the key and every target (connect, write a probe); exit 0/1",
     "config": "print the settings table (--markdown) or .env.example (--env-example)",
     "health": "ask a running daemon's /healthz (or /readyz with --ready); exit 0 if it answers 200 (HEALTHCHECK)",
+    "keys": "make the deployment's ssh keys in DIR and say how to load them (python -m sidecar keys --help)",
 }
 
 
@@ -104,6 +105,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:  # its own arguments (DIR, owners), none of the daemon's settings
+        from .keys import main as keys_main
+
+        return keys_main(argv[1:])
     known = {opt for action in parser._actions for opt in action.option_strings}
     for token in argv:
         name = token.split("=", 1)[0]
@@ -115,6 +120,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(EXIT_CONFIG, f"invalid command line: {exc}")
+    if args.command == "keys":  # reached only with daemon flags before it
+        return _fail(EXIT_CONFIG, "invalid command line: keys comes first (python -m sidecar keys DIR [--flags])")
     if args.command == "config":
         sys.stdout.write(env_example() if args.env_example else markdown_table())
         return 0
