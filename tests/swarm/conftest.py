@@ -84,6 +84,7 @@ def swarm_stack() -> Iterator[SwarmStack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPSYNC_")}
     env["UPSYNC_TAG"] = tag
     made_swarm = False
+    gwbridge_existed = True
     labelled: list[tuple[str, str]] = []  # (node id, label) added by the test
     worker: Worker | None = None
     stack: SwarmStack | None = None
@@ -91,6 +92,8 @@ def swarm_stack() -> Iterator[SwarmStack]:
     try:
         _build_images(env)
         local, control = _swarm_state()
+        networks = run(["docker", "network", "ls", "--format", "{{.Name}}"]).stdout.decode().split()
+        gwbridge_existed = "docker_gwbridge" in networks
         if local == "inactive":
             done = timed("docker swarm init")
             run(["docker", "swarm", "init", "--advertise-addr", "172.17.0.1"], timeout=60)
@@ -182,6 +185,9 @@ def swarm_stack() -> Iterator[SwarmStack]:
                 run(["docker", "node", "rm", "--force", worker.node_id], check=False, timeout=60)
         if made_swarm:
             run(["docker", "swarm", "leave", "--force"], check=False, timeout=60)
+            # `swarm init` made this bridge; leaving keeps it.
+            if not gwbridge_existed:
+                run(["docker", "network", "rm", "docker_gwbridge"], check=False, timeout=60)
         else:
             for node, label in labelled:
                 run(["docker", "node", "update", "--label-rm", label, node], check=False, timeout=30)

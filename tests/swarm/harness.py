@@ -140,6 +140,8 @@ class Worker(Engine):
                 "docker", "run", "-d", "--name", self.name, "--hostname", self.name,
                 "--label", "upsync.test=swarm-worker",
                 "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
+                # docker exec into a task of another uid: runc opens /proc/PID/ns/* of that uid.
+                "--cap-add", "SYS_PTRACE",
                 "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
                 "--security-opt", "systempaths=unconfined",
                 "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run",
@@ -317,7 +319,7 @@ class SwarmStack:
             return not self.docker("network", "ls", "-q", "-f", label, check=False).stdout.strip()
 
         try:
-            wait_for(gone, 120, f"the containers and networks of {self.name} to go", interval=1)
+            wait_for(gone, 300, f"the containers and networks of {self.name} to go", interval=1)
         except TimeoutError as exc:
             say(f"{exc}")
         for engine in self.engines.values():
