@@ -424,7 +424,10 @@ class Writer:
                 self.write(f"{spec.rel}.pub", f"{pub} {spec.comment}\n", PUBLIC_MODE)
             return pub, False
         # Made under a temporary name and renamed: a reader (or a crash) never sees half a key pair.
-        tmpdir = Path(tempfile.mkdtemp(prefix=".keygen-", dir=path.parent))
+        try:
+            tmpdir = Path(tempfile.mkdtemp(prefix=".keygen-", dir=path.parent))
+        except OSError as exc:
+            raise KeysFailure(f"cannot write {path}: {exc.strerror}") from None
         try:
             tmp = tmpdir / "key"
             self._keygen("-q", "-t", "ed25519", "-N", "", "-C", spec.comment, "-f", str(tmp))

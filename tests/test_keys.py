@@ -291,6 +291,18 @@ def test_bad_input_is_one_line(tmp_path: Path, args: tuple[str, ...], code: int,
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a read-only tmpfs (needs root)")
+def test_a_read_only_directory_is_one_line(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        proc = keys(str(ro), "--targets", "ssh://u@h/")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert (proc.returncode, proc.stderr) == (1, f"upsync: cannot write {ro}/id_ed25519: Read-only file system\n")
+
+
 def test_a_broken_key_is_named_not_replaced(tmp_path: Path) -> None:
     (tmp_path / "k/sidecar").mkdir(parents=True)
     (tmp_path / "k/sidecar/id_ed25519").write_text("not a key\n")
