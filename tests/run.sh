@@ -38,7 +38,7 @@ if ! cmp -s requirements-checks.lock .venv-checks/installed.lock 2>/dev/null; th
   log "installing the manifest checks into .venv-checks (about a minute)"
   rm -rf .venv-checks
   "$python" -m venv .venv-checks
-  .venv-checks/bin/python -m pip install -q --disable-pip-version-check -r requirements-checks.lock 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  .venv-checks/bin/python -m pip install -q --no-compile --disable-pip-version-check -r requirements-checks.lock 2>&1 | grep -v '^WARNING: Location' >&2 || true
   .venv-checks/bin/checkov --version >/dev/null && .venv-checks/bin/kubernetes-validate --version >/dev/null \
     || { log ".venv-checks is incomplete; see pip's output above"; exit 1; }
   cp requirements-checks.lock .venv-checks/installed.lock

@@ -27,7 +27,7 @@ import pytest
 
 from tests.sshd import free_port
 from tests.stack.harness import WordPress, request, run, wait_for
-from tests.swarm.harness import (
+from tests.swarm.swarmlib import (
     REPO,
     TIMINGS,
     WORKER_DIR,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.swarm.harness import import_changes
+from tests.swarm.swarmlib import import_changes
 
 
 @pytest.mark.parametrize(

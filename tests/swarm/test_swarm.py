@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 
 from tests.stack.harness import _JPEG_PHP, fetch, media_files, sha256, wait_for
-from tests.swarm.harness import APP_UPLOADS, TIMINGS, Burst, SwarmStack, Task
+from tests.swarm.swarmlib import APP_UPLOADS, TIMINGS, Burst, SwarmStack, Task
 
 pytestmark = pytest.mark.swarm
 
