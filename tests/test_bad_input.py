@@ -253,7 +253,7 @@ CASES: list[Case] = [
         "unknown command",
         {},
         "upsync: invalid command line: argument command: invalid choice: 'start' (choose from 'run', 'once', "
-        "'check', 'config', 'health')",
+        "'check', 'config', 'health', 'keys')",
         args=("start",),
     ),
     # ----- source --------------------------------------------------------------------------------
