@@ -180,7 +180,7 @@ class Daemon:
             raise
         excludes = Excludes(cfg.exclude)
         self.planner = Planner(self.root, excludes, limit=cfg.max_pending)
-        self.plans = SharedPlans(self.planner)
+        self.plans = SharedPlans(self.planner, counted=lambda kind: self.metrics.plans.labels(kind).inc())
         self.scans = SharedScan(self.root, excludes)
         self.slots = Slots(parallel_runs(cfg.max_parallel))
         self._batches = itertools.count(1)
