@@ -14,11 +14,11 @@ import difflib
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from . import __version__, logs
 from .config import SETTINGS, ConfigError, load
 from .docgen import env_example, markdown_table
+from .usage import OneLineParser, UsageError
 
 __all__ = ["EXIT_CONFIG", "EXIT_ENVIRONMENT", "EXIT_FAILED", "cli", "main"]
 
@@ -39,17 +39,8 @@ COMMANDS = {
 }
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m sidecar",
         description="upsync: replicate a directory to ssh targets as it changes (watchfiles + rsync).",
         epilog="commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
@@ -115,7 +106,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             return _fail(EXIT_CONFIG, f"unknown flag {name}{hint}")
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
+    except UsageError as exc:
         return _fail(EXIT_CONFIG, f"invalid command line: {exc}")
     if args.command == "keys":  # reached only with daemon flags before it
         return _fail(EXIT_CONFIG, "invalid command line: keys comes first (python -m sidecar keys DIR [--flags])")

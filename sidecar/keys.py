@@ -41,9 +41,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from .targets import TargetError, parse_targets
+from .usage import OneLineParser, UsageError
 
 __all__ = [
     "KeySpec",
@@ -478,17 +478,8 @@ class Writer:
 # ----- command line ----------------------------------------------------------------------------------
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m sidecar keys",
         description="Make (or keep) every ssh key of an upsync deployment in DIR, and say how to load them. "
         "With --targets: one client key for a sidecar added to an existing stack, and the lines to paste.",
@@ -626,7 +617,7 @@ def main(argv: Sequence[str]) -> int:
     """``python -m sidecar keys ...``; returns the exit code."""
     try:
         args = _parser().parse_args(list(argv))
-    except _UsageError as exc:
+    except UsageError as exc:
         return _fail(EXIT_CONFIG, f"invalid command line: {exc} (python -m sidecar keys --help)")
     ssh_keygen = shutil.which("ssh-keygen")
     if ssh_keygen is None:

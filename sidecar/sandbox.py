@@ -63,6 +63,11 @@ _prctl = _libc.prctl
 _prctl.restype = ctypes.c_int
 
 
+def _nss_files() -> list[str]:
+    """libnss-wrapper's passwd and group files, when the image's entrypoint set them (an arbitrary uid)."""
+    return [f for f in (os.environ.get("NSS_WRAPPER_PASSWD", ""), os.environ.get("NSS_WRAPPER_GROUP", "")) if f]
+
+
 class SandboxError(Exception):
     """Landlock cannot be used here; the message says why."""
 
@@ -111,8 +116,7 @@ class Sandbox:
                 self._allow(tree, _HANDLED, optional=True)
             for tree in read_trees:
                 self._allow(tree, _ACCESS_READ_FILE | _ACCESS_READ_DIR)
-            nss = [os.environ.get("NSS_WRAPPER_PASSWD", ""), os.environ.get("NSS_WRAPPER_GROUP", "")]
-            for file in (*_SYSTEM_FILES, *nss):
+            for file in (*_SYSTEM_FILES, *_nss_files()):
                 if file:
                     self._allow(file, _ACCESS_READ_FILE, optional=True)
             for file in read_files:
@@ -155,12 +159,22 @@ class Sandbox:
         os.close(self.fd)
 
 
-class SourceSandbox:
-    """The sender's sandbox for one source, rebuilt when the source directory is replaced.
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
-    Landlock rules name inodes: a source deleted and made again (a volume recreated, remounted) is another
-    directory, outside the old ruleset, and every read would be refused. Each run asks :meth:`preexec`, which
-    compares the source's device and inode with those the current ruleset was built for (one ``stat``).
+
+class SourceSandbox:
+    """The sender's sandbox for one source, rebuilt when something it names is replaced.
+
+    Landlock rules name inodes, not paths: a source deleted and made again (a volume recreated, remounted) is
+    another directory, outside the old ruleset, and every read would be refused; so is an ``/etc/passwd``
+    rewritten by ``usermod`` or a package update (written anew and renamed over the old one), after which ssh
+    finds no user for its uid. Each run asks :meth:`preexec`, which compares the device and inode of every
+    path the ruleset names with those it was built for (a few ``stat`` calls) and builds it again if one changed.
 
     Raises:
         SandboxError: from the first build (the kernel offers no Landlock).
@@ -171,27 +185,28 @@ class SourceSandbox:
         self.read_files = tuple(read_files)
         self._lock = threading.Lock()
         self._built: list[Sandbox] = []  # kept open until close(): a child may be starting with an old one
-        self._identity: tuple[int, int] | None = None
+        self._identities: list[tuple[int, int] | None] = []
         self._restrict: Callable[[], None] | None = None
         self._build()
 
+    def _watched(self) -> list[str | Path]:
+        return [self.root, *self.read_files, *_SYSTEM_FILES, *_nss_files()]
+
     def _build(self) -> None:
-        st = os.stat(self.root)
+        identities = [_identity(p) for p in self._watched()]
         sandbox = Sandbox([self.root], self.read_files)
         self._built.append(sandbox)
-        self._identity = (st.st_dev, st.st_ino)
+        self._identities = identities
         self._restrict = sandbox.preexec()
 
     def preexec(self) -> Callable[[], None]:
-        """The function for ``Popen(preexec_fn=...)`` that confines the child to the source as it is now."""
+        """The function for ``Popen(preexec_fn=...)`` that confines the child to the files as they are now."""
         with self._lock:
-            try:
-                st = os.stat(self.root)
-                if (st.st_dev, st.st_ino) != self._identity:
-                    log.info("the source directory was replaced; sandbox rebuilt for it", extra={"fields": {}})
-                    self._build()
-            except OSError:
-                pass  # gone: the source guard refuses the sync anyway
+            now = [_identity(p) for p in self._watched()]
+            if now != self._identities and now[0] is not None:  # a missing source: the guard refuses the sync
+                changed = [str(p) for p, a, b in zip(self._watched(), now, self._identities, strict=True) if a != b]
+                log.info("sandbox rebuilt: replaced since it was built", extra={"fields": {"paths": ",".join(changed)}})
+                self._build()
             assert self._restrict is not None
             return self._restrict
 

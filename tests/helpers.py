@@ -174,3 +174,31 @@ def assert_converges(src: Path, dst: Path, timeout: float = 20, ignore: tuple[st
         diff = tree_diff(src, dst, ignore)
         raise AssertionError(f"not converged after {timeout} s; {len(diff)} differences: {diff[:10]}") from None
     return time.monotonic() - start
+
+
+def require_docker(what: str, skip_variable: str, compose: bool = True) -> None:
+    """Fail (not skip: CI has Docker) with one line when Docker, or the Compose plugin, cannot be used.
+
+    Args:
+        what: the suite, for the message ("the stack test").
+        skip_variable: the variable that skips the suite, named in the message.
+        compose: the suite needs ``docker compose`` too.
+    """
+    import shutil
+
+    import pytest
+
+    plugin = " and the Compose v2 plugin" if compose else ""
+    hint = f"{what} needs Docker Engine{plugin} (set {skip_variable}=1 to skip it)"
+    if shutil.which("docker") is None:
+        pytest.fail(f"docker is not installed: {hint}", pytrace=False)
+    checks = [["docker", "info", "--format", "{{.ServerVersion}}"]] + (
+        [["docker", "compose", "version"]] if compose else []
+    )
+    for args in checks:
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`{' '.join(args)}` did not answer within 30 s: {hint}", pytrace=False)
+        if proc.returncode != 0:
+            pytest.fail(f"`{' '.join(args)}` failed ({proc.stderr.strip()[:300]}): {hint}", pytrace=False)

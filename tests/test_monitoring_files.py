@@ -144,7 +144,7 @@ def test_the_compose_file_passes_the_version_every_image_is_labelled_with() -> N
     pyproject = (REPO / "pyproject.toml").read_text()
     assert f'\nversion = "{__version__}"\n' in pyproject
     builds = re.findall(r"^    build: (.*)$", compose, re.M)
-    assert len(builds) >= 6 and all("args: *build-args" in build for build in builds), builds
+    assert len(builds) >= 5 and all("args: *build-args" in build for build in builds), builds
 
 
 # ----- the stack test's helpers ------------------------------------------------------------------------

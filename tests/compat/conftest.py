@@ -11,8 +11,6 @@ fails the run until the mark is removed.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.compat.targets import VERSIONS, TargetContainer, TargetVersion, build_image
+from tests.helpers import require_docker
 from tests.sshd import KeyPair
 
 _built: dict[str, float] = {}
@@ -44,15 +43,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(strict=True, reason=mark.kwargs["reason"]))
 
 
-def _require_docker() -> None:
-    hint = "the compatibility matrix needs Docker (set UPSYNC_SKIP_COMPAT=1 to skip it)"
-    if shutil.which("docker") is None:
-        pytest.fail(f"docker is not installed: {hint}", pytrace=False)
-    proc = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"`docker info` failed ({proc.stderr.strip()[:300]}): {hint}", pytrace=False)
-
-
 @pytest.fixture(scope="module", params=VERSIONS, ids=[v.id for v in VERSIONS])
 def target(request: pytest.FixtureRequest, host_key: KeyPair, client_key: KeyPair) -> Iterator[TargetContainer]:
     """A running target of one version (its image built once per session)."""
@@ -61,7 +51,7 @@ def target(request: pytest.FixtureRequest, host_key: KeyPair, client_key: KeyPai
     if os.geteuid() != 0:
         pytest.skip("needs root (target directories owned by the container's account)")
     version: TargetVersion = request.param
-    _require_docker()
+    require_docker("the compatibility matrix", "UPSYNC_SKIP_COMPAT", compose=False)
     if version.id not in _built:
         try:
             _built[version.id] = build_image(version)

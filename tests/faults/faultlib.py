@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers import REPO, Sidecar, tree, tree_diff
-from tests.sshd import wait_until
+from tests.sshd import KeyPair, SshServer, wait_until
 
 __all__ = [
     "PrefixedSidecar",
@@ -157,6 +157,43 @@ def in_user_namespace(max_watches: int) -> list[str]:
 def as_user(name: str) -> list[str]:
     """A wrapper that runs the daemon as ``name`` (no capabilities, no supplementary groups)."""
     return ["setpriv", f"--reuid={name}", f"--regid={pwd.getpwnam(name).pw_gid}", "--clear-groups", "--"]
+
+
+def chown_tree(root: Path, user: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            shutil.chown(os.path.join(dirpath, name), user, user)
+    shutil.chown(root, user, user)
+
+
+def user_daemon(
+    source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path, sidecars: list[Sidecar], **env: str
+) -> PrefixedSidecar:
+    """The daemon as the unprivileged target account (root reads everything, so "unreadable" needs another
+    uid): the source given to that uid, a private copy of the key, a runtime directory of its own. Not started;
+    registered with ``sidecars`` (killed after the test)."""
+    user = sshd.user
+    chown_tree(source, user)
+    keys = workdir / "user-key"
+    keys.mkdir(mode=0o700)
+    shutil.copy(client_key.private, keys / "id")
+    (keys / "id").chmod(0o600)
+    chown_tree(keys, user)
+    runtime = workdir / "user-runtime"
+    runtime.mkdir()
+    shutil.chown(runtime, user, user)
+    sidecar = PrefixedSidecar(
+        as_user(user),
+        source,
+        [sshd],
+        KeyPair(keys, "id"),
+        workdir,
+        SYNC_RUNTIME_DIR=str(runtime),
+        HOME=pwd.getpwnam(user).pw_dir,
+        **env,
+    )
+    sidecars.append(sidecar)
+    return sidecar
 
 
 def wait_synced(sidecar: Sidecar, timeout: float = 30) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.faultlib import PrefixedSidecar, as_user, count_entries, wait_synced
+from tests.faults.faultlib import PrefixedSidecar, count_entries, user_daemon, wait_synced
 from tests.helpers import Sidecar, assert_converges, tree, tree_diff, wait_until
 from tests.sshd import KeyPair, SshServer
 
@@ -31,41 +31,20 @@ pytestmark = [
 SKIPPED = ("pipe", "sock", "secret.jpg", "locked", "passwd-link", "up-link")
 
 
-def chown_tree(root: Path, user: str) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            shutil.chown(os.path.join(dirpath, name), user, user)
-    shutil.chown(root, user, user)
-
-
 @pytest.fixture
 def user_sidecar(
     source: Path, sshd: SshServer, client_key: KeyPair, workdir: Path, sidecars: list[Sidecar]
 ) -> PrefixedSidecar:
-    user = sshd.user
-    chown_tree(source, user)
-    keys = workdir / "user-key"
-    keys.mkdir(mode=0o700)
-    key = keys / "id"
-    shutil.copy(client_key.private, key)
-    key.chmod(0o600)
-    chown_tree(keys, user)
-    runtime = workdir / "user-runtime"
-    runtime.mkdir()
-    shutil.chown(runtime, user, user)
-    sidecar = PrefixedSidecar(
-        as_user(user),
+    sidecar = user_daemon(
         source,
-        [sshd],
-        KeyPair(keys, "id"),
+        sshd,
+        client_key,
         workdir,
-        SYNC_RUNTIME_DIR=str(runtime),
+        sidecars,
         # Full syncs meet the special files again every 2 s. (Not SIGHUP: a signal the kernel hands
         # to a thread other than the main one is not acted on, see test_fault_signals.py.)
         SYNC_FULL_SYNC_INTERVAL="2",
-        HOME=pwd.getpwnam(user).pw_dir,
     )
-    sidecars.append(sidecar)
     sidecar.start()
     wait_synced(sidecar)
     return sidecar

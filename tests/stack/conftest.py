@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import require_docker
 from tests.sshd import free_port
 from tests.stack.harness import SERVICES, TIMINGS, CommandError, Compose, Stack, git_revision
 
@@ -31,19 +31,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "involves(*services): compose services whose logs a failure shows")
 
 
-def _require_docker() -> None:
-    hint = "the stack test needs Docker Engine and the Compose v2 plugin (set UPSYNC_SKIP_STACK=1 to skip it)"
-    if shutil.which("docker") is None:
-        pytest.fail(f"docker is not installed: {hint}", pytrace=False)
-    for args in (["docker", "info", "--format", "{{.ServerVersion}}"], ["docker", "compose", "version"]):
-        try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(args)}` did not answer within 30 s: {hint}", pytrace=False)
-        if proc.returncode != 0:
-            pytest.fail(f"`{' '.join(args)}` failed ({proc.stderr.strip()[:300]}): {hint}", pytrace=False)
-
-
 def _say(message: str) -> None:
     print(f"[stack] {message}", file=sys.stderr, flush=True)
 
@@ -53,7 +40,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     global _current
     if os.environ.get("UPSYNC_SKIP_STACK") == "1":
         pytest.skip("UPSYNC_SKIP_STACK=1")
-    _require_docker()
+    require_docker("the stack test", "UPSYNC_SKIP_STACK")
     project = f"upsync-test-{secrets.token_hex(4)}"
     port = free_port()
     admin_password = secrets.token_urlsafe(12)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_docker
 from tests.sshd import free_port
 from tests.stack.harness import WordPress, request, run, wait_for
 from tests.swarm.swarmlib import (
@@ -47,15 +47,6 @@ def _tag() -> str:
     return os.environ.get("UPSYNC_TAG", "local")
 
 
-def _require_docker() -> None:
-    hint = "the Swarm test needs Docker Engine and the Compose v2 plugin (set UPSYNC_SKIP_SWARM=1 to skip it)"
-    if shutil.which("docker") is None:
-        pytest.fail(f"docker is not installed: {hint}", pytrace=False)
-    proc = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"`docker info` failed ({proc.stderr.strip()[:300]}): {hint}", pytrace=False)
-
-
 def _build_images(env: dict[str, str]) -> None:
     """The stack's images, built as the compose stack builds them (cached when tests/stack ran first)."""
     done = timed("images built (compose build; cached after tests/stack)")
@@ -74,7 +65,7 @@ def _swarm_state() -> tuple[str, bool]:
 def swarm_stack() -> Iterator[SwarmStack]:
     if os.environ.get("UPSYNC_SKIP_SWARM") == "1":
         pytest.skip("UPSYNC_SKIP_SWARM=1")
-    _require_docker()
+    require_docker("the Swarm test", "UPSYNC_SKIP_SWARM")
     engines = os.environ.get("UPSYNC_SWARM_ENGINES", "2")
     if engines not in ("1", "2"):
         pytest.fail(f'invalid UPSYNC_SWARM_ENGINES="{engines}": must be 1 or 2', pytrace=False)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_docker
 from tests.sshd import KeyPair
 from tests.targets import targetlib as t
 
@@ -23,24 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "targets: prepares targets as docs/targets.md says (needs Docker)")
 
 
-def _require_docker() -> None:
-    hint = "the target tests need Docker Engine and the Compose v2 plugin (set UPSYNC_SKIP_TARGETS=1 to skip them)"
-    if shutil.which("docker") is None:
-        pytest.fail(f"docker is not installed: {hint}", pytrace=False)
-    for args in (["docker", "info", "--format", "{{.ServerVersion}}"], ["docker", "compose", "version"]):
-        try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(args)}` did not answer within 30 s: {hint}", pytrace=False)
-        if proc.returncode != 0:
-            pytest.fail(f"`{' '.join(args)}` failed ({proc.stderr.strip()[:300]}): {hint}", pytrace=False)
-
-
 @pytest.fixture(scope="session")
 def docker() -> None:
     if os.environ.get("UPSYNC_SKIP_TARGETS") == "1":
         pytest.skip("UPSYNC_SKIP_TARGETS=1")
-    _require_docker()
+    require_docker("the target tests", "UPSYNC_SKIP_TARGETS")
 
 
 @pytest.fixture(scope="session")
