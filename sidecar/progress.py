@@ -24,7 +24,15 @@ from typing import Any
 from . import logs
 from .metrics import Metrics
 
-__all__ = ["FullSyncOutput", "FullSyncProgress", "Progress2", "human_bytes", "parse_item", "parse_progress2"]
+__all__ = [
+    "FullSyncOutput",
+    "FullSyncProgress",
+    "Progress2",
+    "human_bytes",
+    "matched_bytes",
+    "parse_item",
+    "parse_progress2",
+]
 
 log = logs.get("progress")
 
@@ -106,6 +114,21 @@ def parse_item(line: bytes) -> tuple[str, str] | None:
     if line[0:1] in (b"<", b">") and line[1:2] == b"f":
         return "sent", unescape(line[12:])
     return None
+
+
+_MATCHED = re.compile(r"^Matched data: ([\d,.]+) bytes", re.M)
+
+
+def matched_bytes(stats: str) -> int:
+    """Bytes the receiver already had (``Matched data`` of ``--stats``): with SYNC_RESUME, the partial files it
+    resumed from (and unchanged blocks of files changed in place).
+
+    Example:
+        >>> matched_bytes("Literal data: 1,000 bytes\\nMatched data: 12,383,312 bytes\\n")
+        12383312
+    """
+    m = _MATCHED.search(stats)
+    return int(m.group(1).replace(",", "").replace(".", "")) if m else 0
 
 
 def human_bytes(n: float) -> str:

@@ -26,7 +26,7 @@ from .hooks import Changes, Hooks
 from .metrics import Metrics
 from .plan import Plan, SharedPlans, parents
 from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
-from .progress import FullSyncOutput, FullSyncProgress, parse_item
+from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
 from .rsync import Stats
 from .scan import SharedScan
 from .transport import TransferError, Transport
@@ -622,6 +622,10 @@ class Worker(threading.Thread):
         finally:
             self.progress.finish()
             self.progress = None
+        if self.transport.rsync.resume and (reused := matched_bytes(run.result.stdout)):
+            log.info(
+                "full sync reused data on the target", extra={"fields": {"target": self.name_label, "bytes": reused}}
+            )
         guard_ok = not refused
         if refused:
             self._trip(refused)  # after the sending pass: everything else did reach the target
