@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,28 @@ def test_rsync35_rrsync_accepts_partial_dir_but_drops_the_data(
     assert not list(sshd.root.glob(".big.bin.*")) and not (sshd.root / "big.bin").exists()
     logs = _second_sync(source, sshd, client_key, workdir)
     assert not [d for d in logs if d["msg"] == "full sync reused data on the target"]  # from zero
+
+
+def test_partial_directories_are_never_sent_on_and_never_keep_a_deleted_directory(
+    source: Path, sshd: SshServer, run_sidecar
+) -> None:
+    # As on content, whose copy the fanout reads: partial data of an upstream resumable sync.
+    (source / ".upsync-partial").mkdir()
+    (source / ".upsync-partial/big.bin").write_bytes(b"half")
+    (source / "2026/.upsync-partial").mkdir(parents=True)
+    (source / "2026/photo.jpg").write_bytes(b"jpg")
+    # On the target: a directory gone from the source, holding stale partial data.
+    (sshd.root / "old/.upsync-partial").mkdir(parents=True)
+    (sshd.root / "old/.upsync-partial/stale.bin").write_bytes(b"stale")
+    for path in (sshd.root / "old", *(sshd.root / "old").rglob("*")):
+        shutil.chown(path, sshd.user, sshd.user)  # as if the account had written them
+    sidecar = run_sidecar()
+    partials = (".upsync-partial", "2026/.upsync-partial")
+    assert not tree_diff(source, sshd.root, ignore=partials)
+    assert not (sshd.root / ".upsync-partial/big.bin").exists()
+    assert not (sshd.root / "old").exists()  # the perishable rule does not keep it
+    (source / "2026/.upsync-partial/more.bin").write_bytes(b"half")  # a batch: planned, not sent
+    (source / "2026/after.jpg").write_bytes(b"jpg")
+    wait_until(lambda: (sshd.root / "2026/after.jpg").exists(), 10, "the batch")
+    assert not (sshd.root / "2026/.upsync-partial").exists()
+    sidecar.check_alive()
