@@ -20,10 +20,14 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 
-__all__ = ["REASONS", "STATES", "Metrics", "histogram_quantile"]
+__all__ = ["HOOKS", "HOOK_RESULTS", "REASONS", "STATES", "Metrics", "histogram_quantile"]
 
 # A target's state, as /readyz names it; upsync_target_state has one series per state, 1 for the current one.
 STATES = ("starting", "ok", "failing", "delete_guard", "fatal")
+
+# The values of the `hook` and `result` labels of upsync_hook_runs_total.
+HOOKS = ("command", "webhook")
+HOOK_RESULTS = ("ok", "failed", "timeout", "error")
 
 # The fixed set of values of the `reason` label (failures, skips, guard trips).
 REASONS = (
@@ -238,3 +242,10 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(target)
+        for hook in HOOKS:
+            for counter in (self.hook_merged, self.hook_everything):
+                with contextlib.suppress(KeyError):
+                    counter.remove(hook, target)
+            for result in HOOK_RESULTS:
+                with contextlib.suppress(KeyError):
+                    self.hook_runs.remove(hook, target, result)

@@ -11,12 +11,13 @@ import os
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sidecar.hooks import Changes, CommandHook, Notice, run_bounded
+from sidecar.hooks import Changes, CommandHook, Hooks, Notice, Webhook, run_bounded
 from tests.helpers import assert_converges, wait_until
 from tests.sshd import SshServer
 
@@ -249,3 +250,84 @@ def test_command_hook_stdin_and_environment() -> None:
     env = hook.environment(notice)
     assert {k for k in env if not k.startswith("UPSYNC_")} == {"PATH"}
     assert (env["UPSYNC_SENT"], env["UPSYNC_DELETED"], env["UPSYNC_ALL"]) == ("5", "1", "0")
+
+
+class _Gate:
+    """A sink whose runs block until released; records what each run got."""
+
+    name = "command"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.got: list[Notice] = []
+        self.stopped = False
+
+    def deliver(self, notice: Notice) -> str:
+        self.got.append(notice)
+        self.started.set()
+        self.release.wait(10)
+        return "ok"
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _changes(limit: int, *sent: str) -> Changes:
+    c = Changes(limit)
+    for path in sent:
+        c.add("sent", path)
+    return c
+
+
+def test_syncs_arriving_while_a_hook_runs_merge_into_one_waiting_run() -> None:
+    sink = _Gate()
+    hooks = Hooks([sink], max_paths=3)
+    hooks.submit("t1", "h1", "full", _changes(3, "a"))
+    assert sink.started.wait(5)
+    for kind, path in (("batch", "b"), ("batch", "c"), ("full", "d")):  # t1 is busy: these wait, merged
+        hooks.submit("t1", "h1", kind, _changes(3, path))
+    hooks.submit("t2", "h2", "batch", _changes(3, "x"))  # another target does not wait for t1
+    wait_until(lambda: len(sink.got) == 2, 5, "t2's run")
+    assert sink.got[1].target == "t2"
+    hooks.submit("t1", "h1", "batch", _changes(3, ""))  # nothing changed: no run, no merge
+    sink.release.set()
+    wait_until(hooks.idle, 5, "the runs to end")
+    first, _, merged = sink.got
+    assert (first.kind, first.changes.sent) == ("full", ["a"])
+    # b, c, d: 3 paths, the limit; the 4th would have made it "all".
+    assert (merged.kind, merged.syncs, merged.changes.sent, merged.changes.everything) == (
+        "mixed",
+        3,
+        ["b", "c", "d"],
+        False,
+    )
+    hooks.submit("t1", "h1", "batch", _changes(3, "e", "f", "g"))
+    hooks.close(time.monotonic() + 5)
+    assert sink.got[-1].changes.sent == ["e", "f", "g"] and sink.stopped
+
+
+def test_merged_runs_past_the_limit_say_all() -> None:
+    sink = _Gate()
+    hooks = Hooks([sink], max_paths=3)
+    hooks.submit("t", "h", "batch", _changes(3, "busy"))
+    assert sink.started.wait(5)
+    hooks.submit("t", "h", "batch", _changes(3, "a", "b"))
+    hooks.submit("t", "h", "batch", _changes(3, "c", "d"))
+    sink.release.set()
+    hooks.close(time.monotonic() + 5)
+    last = sink.got[-1].changes
+    assert (last.everything, last.sent, last.sent_count) == (True, [], 4)
+
+
+def test_webhook_does_not_retry_a_refusal_or_follow_a_redirect(receiver: _Server) -> None:
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    hook = Webhook(url, None, 5, 10000, "/srv", wait=lambda _: 0)
+    notice = Notice("t", "h", ["batch"], _changes(10, "a.jpg"))
+    for status in (400, 302):
+        receiver.answers = [status]
+        before = len(receiver.got)
+        assert hook.deliver(notice) == "failed"
+        assert len(receiver.got) == before + 1  # one attempt, no retry, nothing sent elsewhere
+    receiver.answers = [500, 502]
+    assert hook.deliver(notice) == "ok" and len(receiver.got) == 5  # two retries, then 200
