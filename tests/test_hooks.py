@@ -290,7 +290,7 @@ def test_syncs_arriving_while_a_hook_runs_merge_into_one_waiting_run() -> None:
     hooks.submit("t2", "h2", "batch", _changes(3, "x"))  # another target does not wait for t1
     wait_until(lambda: len(sink.got) == 2, 5, "t2's run")
     assert sink.got[1].target == "t2"
-    hooks.submit("t1", "h1", "batch", _changes(3, ""))  # nothing changed: no run, no merge
+    hooks.submit("t1", "h1", "batch", Changes(3))  # nothing changed: no run, no merge
     sink.release.set()
     wait_until(hooks.idle, 5, "the runs to end")
     first, _, merged = sink.got
