@@ -92,7 +92,7 @@ def test_first_full_sync_reports_progress_while_it_runs(source: Path, sshd: SshS
         (source / f"2026/{d:02d}").mkdir(parents=True)
         for i in range(10):
             (source / f"2026/{d:02d}/img-{i}.jpg").write_bytes(os.urandom(150_000))  # 6 MB in all
-    sidecar = run_sidecar(ready=False, SYNC_BWLIMIT="1500K", SYNC_PROGRESS_INTERVAL_S="1", SYNC_LOG_FORMAT="json")
+    sidecar = run_sidecar(ready=False, SYNC_BWLIMIT="1M", SYNC_PROGRESS_INTERVAL_S="1", SYNC_LOG_FORMAT="json")
 
     def running_doc() -> dict | None:
         sidecar.check_alive()
@@ -108,6 +108,8 @@ def test_first_full_sync_reports_progress_while_it_runs(source: Path, sshd: SshS
     assert progress["files_to_send"] == 41 and progress["bytes_to_send"] == 6_000_005
     assert 0 < progress["percent"] < 100 and progress["eta_s"] is not None
     assert sidecar.metric("upsync_full_sync_running") == 1
+    status = sidecar.run("status", timeout=20)
+    assert re.search(r", full sync [\d.]+% \(\d+ files sent, eta \d+ s\)", status.stdout), status.stdout + status.stderr
     assert sidecar.metric("upsync_full_sync_bytes_to_send") == 6_000_005
     sidecar.wait_ready(30)
     assert_converges(source, sshd.root, 5)
