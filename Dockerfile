@@ -90,3 +90,18 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["pyt
 # tini as PID 1: forwards SIGTERM/SIGINT/SIGHUP to the daemon and reaps ssh/rsync children.
 ENTRYPOINT ["tini", "--", "docker-entrypoint.sh"]
 CMD ["run"]
+
+# ---- image metadata (OCI labels); version and revision come from build args (compose passes them) ----
+# licenses: this project's files (MIT).
+ARG UPSYNC_VERSION=0.1.0
+ARG UPSYNC_REVISION=unknown
+ARG UPSYNC_SOURCE_URL=https://github.com/upsync/upsync
+# The daemon reports it in /metrics: upsync_build_info{version,revision}.
+ENV UPSYNC_REVISION=${UPSYNC_REVISION}
+LABEL org.opencontainers.image.title="upsync-sidecar" \
+      org.opencontainers.image.description="upsync: replicates an uploads directory to content servers as it changes (watchfiles + rsync over one ssh link per target)" \
+      org.opencontainers.image.source="${UPSYNC_SOURCE_URL}" \
+      org.opencontainers.image.version="${UPSYNC_VERSION}" \
+      org.opencontainers.image.revision="${UPSYNC_REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"

@@ -26,6 +26,7 @@ from .control import ControlError, find_daemon, request
 from .daemon import Runtime, resolve
 from .filters import Excludes
 from .hooks import check_hooks
+from .plan import files_from
 from .rsync import Rsync
 from .targets import Target
 from .transport import TransferError, Transport
@@ -188,7 +189,7 @@ def _probe_target(cfg: Config, runtime: Runtime, target: Target) -> str:
                 step = "send (as batches send)"
                 with open(os.path.join(tmp, name), "w", encoding="ascii") as fh:
                     fh.write("upsync check probe; safe to delete\n")
-                transport.send(os.fsencode(name) + b"\0")
+                transport.send(files_from([name]))
                 step = "delete (as batches delete)"
                 os.unlink(os.path.join(tmp, name))
                 count = transport.count_removals([name], [])

@@ -3,8 +3,10 @@
 The device and the mount of ``SYNC_SOURCE`` are recorded at start. Before every sync the source must
 still exist, be a directory and sit on that device and that mount: an unmounted volume leaves the
 directory underneath behind, on another device, or on the same one for a bind mount of the same
-file system (which only the mount ID tells apart). A sync that would delete while the source is
-empty is refused as well.
+file system (which only the mount ID tells apart). The same volume mounted again gets a new mount ID
+(the kernel hands IDs out again only when no one took them meanwhile): a new mount whose root is the very
+directory recorded at start (same device, same inode) is accepted. A sync that would delete while the
+source is empty is refused as well.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ class SourceGuard:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.device = os.stat(root).st_dev
+        st = os.stat(root)
+        self.device = st.st_dev
+        self.inode = st.st_ino
         self.mount = mount_id(root)
 
     def check(self) -> None:
@@ -66,6 +70,11 @@ class SourceGuard:
             )
         now = mount_id(self.root)
         if self.mount is not None and now is not None and now != self.mount:
+            if st.st_ino == self.inode:
+                # Mounted again (a new mount ID, which the kernel may not give back): the same directory of the
+                # same device is the same volume. What lay under the mount point is another inode.
+                self.mount = now
+                return
             raise GuardError(
                 f"SYNC_SOURCE {self.root} is not the mount it was at start (mount {self.mount} is now "
                 f"{now}: volume unmounted?); nothing is sent or deleted until it is back"

@@ -52,12 +52,15 @@ class HealthServer:
                     self._send(404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain")
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.send_header("Cache-Control", "no-store")
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a scrape or probe timed out): nothing to answer, nothing to log
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would drown the batch lines

@@ -36,7 +36,7 @@ from .batch import ADDED, DELETED
 from .filters import Excludes
 from .paths import Blocked, SafeTree
 
-__all__ = ["Plan", "Planner", "SharedPlans", "make_plan", "open_for_writing", "parents"]
+__all__ = ["Plan", "Planner", "SharedPlans", "files_from", "make_plan", "open_for_writing", "parents"]
 
 # Given a SafeTree and a path: True (open for writing), False, or None (cannot tell).
 BusyProbe = Callable[[SafeTree, str], "bool | None"]
@@ -68,11 +68,22 @@ class Plan:
         return sorted(self.delete + self.retract)
 
     def files_from(self) -> bytes:
-        """The sends, NUL-separated, for ``rsync --from0 --files-from=-``."""
-        return b"".join(os.fsencode(p) + b"\0" for p in sorted(self.send))
+        """The sends, NUL-separated, for ``rsync --from0 --files-from=-`` (see :func:`files_from`)."""
+        return files_from(self.send)
 
     def __bool__(self) -> bool:
         return bool(self.send or self.delete or self.retract)
+
+
+def files_from(paths: Iterable[str]) -> bytes:
+    """A ``--from0 --files-from`` list. Each entry starts with ``./``: rsync reads an entry that begins with
+    ``#`` or ``;`` as a comment, even NUL-separated, so a top-level upload named ``#1.jpg`` was never sent.
+
+    Example:
+        >>> files_from(["b", "#a"])
+        b'./#a\\x00./b\\x00'
+    """
+    return b"".join(b"./" + os.fsencode(p) + b"\0" for p in sorted(paths))
 
 
 def parents(path: str) -> Iterable[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import logs
 from .filters import delete_rules
+from .plan import files_from
 from .rsync import (
     MISSING_ARGS,
     PROBE_DIR,
@@ -39,6 +40,8 @@ __all__ = ["Receiver", "Run", "TransferError", "Transport"]
 
 log = logs.get("transport")
 
+# rsync's exit code for a protocol incompatibility (errcode.h: RERR_PROTOCOL).
+RSYNC_PROTOCOL_ERROR = 2
 # How often, and how far apart, a run refused by rrsync's per-directory lock is tried again at once (another
 # rsync is writing: `check` or `plan` next to the daemon, or a dying one of ours) before it counts as failed.
 _BUSY_TRIES = 20
@@ -132,7 +135,9 @@ class Transport:
         outcome = classify(result.returncode, result.stderr)
         if outcome.kind in ("ok", "vanished"):
             return Receiver(MISSING_ARGS, receiver_version(result.stderr))
-        if outcome.reason == "protocol":
+        if result.returncode == RSYNC_PROTOCOL_ERROR:
+            # 3.2.x: "invalid file mode 00 ... protocol incompatibility" (under load, sometimes exit 2 with no
+            # message at all). Filter rules work on every rsync, so any protocol error means: use them.
             return Receiver(RULES, receiver_version(result.stderr))
         self._raise(outcome)
         raise AssertionError("unreachable")
@@ -146,7 +151,7 @@ class Transport:
     def _removal(self, delete: list[str], retract: list[str]) -> tuple[str, bytes]:
         assert self.receiver is not None
         if self.receiver.method == MISSING_ARGS and not retract:
-            return MISSING_ARGS, b"".join(os.fsencode(p) + b"\0" for p in sorted(delete))
+            return MISSING_ARGS, files_from(delete)
         return RULES, delete_rules([*delete, *retract])
 
     def count_removals(self, delete: list[str], retract: list[str]) -> int:

@@ -19,33 +19,69 @@ watchfiles cannot report some things, so the watcher asks for a full sync (``on_
 Full syncs asked for because of watcher errors are spaced at least ``FULL_SYNC_COOLDOWN_S`` apart
 (a file name that is not UTF-8 makes watchfiles fail on every access to it): a later request waits,
 none is dropped.
+
+Why watchfiles' ``RustNotify`` and not its public :func:`watchfiles.watch`: ``watch()`` makes its Rust
+watcher lazily, inside the generator, on the first ``next()``, which returns only after a change or its
+timeout. There is then no moment at which the watch is known to be in place, and the first full sync must
+start only after it is (a change made in between would be in neither). ``RustNotify`` is made, then the
+full sync starts; its ``watch()`` takes the same arguments ``watchfiles.watch()`` passes it, by name here.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import enum
 import errno
 import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from watchfiles import Change
 from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
 
 from . import logs
 from .batch import ADDED, DELETED, MODIFIED
 
-__all__ = ["Watcher", "overflow_threshold", "watch_limit_reached"]
+__all__ = ["Lost", "Watcher", "overflow_threshold", "watch_limit_reached"]
 
 log = logs.get("watcher")
 
-# watchfiles' Change values -> our flags
-_FLAGS = {1: ADDED, 2: MODIFIED, 3: DELETED}
+# RustNotify reports watchfiles' Change values as plain ints (no enum per event: bursts bring 40,000 a second).
+_FLAGS = {Change.added.value: ADDED, Change.modified.value: MODIFIED, Change.deleted.value: DELETED}
 _TIMEOUT_MS = 1000
 FULL_SYNC_COOLDOWN_S = 30.0
-_LIMIT = "the inotify watch limit was reached"
 _IN_DELETE_SELF = 0x400
+
+
+class Why(enum.Enum):
+    """Why events may have been lost (and the watch has to be made again)."""
+
+    SOURCE_GONE = "the source directory disappeared"
+    REPLACED = "the source directory was replaced"
+    POLLING = "switched to polling"
+    LIMIT = "the inotify watch limit was reached"
+    FAILED = "the watcher could not be started"
+    ERROR = "watcher error"  # repeats (a name that is not UTF-8 fails every access): throttled
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Events may have been lost: ``why``, and the detail for the log."""
+
+    why: Why
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.why.value}: {self.detail}" if self.detail else self.why.value
+
+
+class _Stop(Exception):
+    """The watch ended because the watcher was asked to stop."""
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -160,34 +196,29 @@ class Watcher(threading.Thread):
         return False
 
     def _run(self) -> None:
-        lost: str | None = None
+        lost: Lost | None = None
         while not self._stopping.is_set():
             identity = self._identity()
             if identity is None:
                 # The source is gone; the workers' guard reports it. Watch again once it is back.
-                lost = lost or "the source directory disappeared"
+                lost = lost or Lost(Why.SOURCE_GONE)
                 self._stopping.wait(1.0)
                 continue
             try:
-                notify = RustNotify([self.root], False, self.polling, self.poll_interval_ms, True, True)
+                lost = self._watch(identity, lost)
+            except _Stop:
+                return
             except OSError as exc:
+                # watchfiles says only in its message that the OS limit of watches was hit at start.
                 if "watch limit" in str(exc) and not self.polling:
                     if not self._limit_hit(str(exc)):
                         return
-                    lost = lost or "switched to polling"
+                    lost = lost or Lost(Why.POLLING)
                     continue
                 log.error("cannot watch the source; retrying", extra={"fields": {"error": str(exc)}})
-                lost = lost or f"watcher failed: {exc}"
+                lost = lost or Lost(Why.FAILED, str(exc))
                 self._stopping.wait(1.0)
                 continue
-            try:
-                if not self.polling and watch_limit_reached(self.root):
-                    if not self._limit_hit("watches could not be placed on every directory at start"):
-                        return
-                    lost = lost or "switched to polling"
-                    continue
-                self.started.set()
-                lost = self._watch(notify, identity, lost)
             except WatchfilesRustInternalError as exc:
                 # e.g. a file name that is not UTF-8: watchfiles cannot report it, and drops the batch.
                 text = str(exc)
@@ -196,11 +227,11 @@ class Watcher(threading.Thread):
                         self._reported.clear()
                     self._reported.add(text)
                     log.warning("watcher error; restarting it, a full sync follows", extra={"fields": {"error": text}})
-                lost = f"watcher error: {text}"
-            finally:
-                notify.close()
-            if lost == _LIMIT and not self._limit_hit("a new directory could not be watched"):
-                return
+                lost = Lost(Why.ERROR, text)
+            if lost is not None and lost.why is Why.LIMIT:
+                if not self._limit_hit("a new directory could not be watched"):
+                    return
+                lost = Lost(Why.POLLING)
 
     def _ask_full(self, reason: str, throttle: bool = False) -> None:
         """Request a full sync now; a ``throttle``d one waits until the cooldown since the last is over."""
@@ -212,30 +243,55 @@ class Watcher(threading.Thread):
         else:
             self._deferred = self._deferred or reason
 
-    def _watch(self, notify: RustNotify, identity: tuple[int, int], lost: str | None) -> str | None:
-        """Watch until stopped or the source is replaced; returns why events may have been lost."""
+    def _watch(self, identity: tuple[int, int], lost: Lost | None) -> Lost | None:
+        """Watch until the source is replaced (returns why events may be lost) or the watcher stops.
+
+        Raises:
+            _Stop: asked to stop.
+            OSError: the watch cannot be made (the watch limit, a missing source).
+            WatchfilesRustInternalError: watchfiles failed on a change it cannot report.
+        """
+        notify = RustNotify(
+            watch_paths=[self.root],
+            debug=False,
+            force_polling=self.polling,
+            poll_delay_ms=self.poll_interval_ms,
+            recursive=True,
+            ignore_permission_denied=True,  # an unreadable directory is the planner's to report, not fatal
+        )
+        try:
+            return self._consume(notify, identity, lost)
+        finally:
+            notify.close()
+
+    def _consume(self, notify: RustNotify, identity: tuple[int, int], lost: Lost | None) -> Lost | None:
+        if not self.polling and watch_limit_reached(self.root):
+            return Lost(Why.LIMIT, "watches could not be placed on every directory at start")
+        self.started.set()
         if lost:
             # Ask for the full sync only now that the new watch is in place, so it misses nothing.
             # Watcher errors repeat (every access to a name that is not UTF-8): those are throttled.
-            self._ask_full(lost, throttle=lost.startswith("watcher error"))
+            self._ask_full(str(lost), throttle=lost.why is Why.ERROR)
         checked = time.monotonic()
-        # watch() returns within its timeout plus one batch window; far longer means this process was
+        # A step returns within its timeout plus one batch window; far longer means this process was
         # stopped or starved (SIGSTOP, a paused VM, CPU starvation): the kernel queue may have overflowed.
         stall_s = (_TIMEOUT_MS + self.max_delay_ms) / 1000 + 2.0
         while True:
             called = time.monotonic()
-            raw = notify.watch(self.max_delay_ms, self.quiet_ms, _TIMEOUT_MS, None)
+            raw = notify.watch(
+                debounce_ms=self.max_delay_ms, step_ms=self.quiet_ms, timeout_ms=_TIMEOUT_MS, stop_event=None
+            )
             if time.monotonic() - called > stall_s and not self.polling:
                 self._ask_full(f"the watcher was stalled for {time.monotonic() - called:.1f} s; events may be lost")
             root_gone = added = False
-            if isinstance(raw, set) and raw:
+            if isinstance(raw, set) and raw:  # else "timeout" (a quiet second), "stop" or "signal": none here
                 root_gone, added = self._dispatch(raw)
             if self._stopping.is_set():
-                return None
+                raise _Stop
             if self._deferred and time.monotonic() - self._last_full >= FULL_SYNC_COOLDOWN_S:
                 self._ask_full(self._deferred)
             if added and not self.polling and watch_limit_reached(self.root):
-                return _LIMIT
+                return Lost(Why.LIMIT)
             now = time.monotonic()
             if root_gone or now - checked >= 1.0:
                 checked = now
@@ -246,7 +302,7 @@ class Watcher(threading.Thread):
                         "the source directory was replaced or unmounted; watching it again",
                         extra={"fields": {"source": self.root}},
                     )
-                    return "the source directory was replaced"
+                    return Lost(Why.REPLACED)
 
     def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, bool]:
         """Hand a batch over; returns (the source directory itself was deleted or moved, paths were added)."""
@@ -260,7 +316,7 @@ class Watcher(threading.Thread):
                 flag = _FLAGS.get(change, MODIFIED)
                 added = added or flag == ADDED
                 changes[rel] = changes.get(rel, 0) | flag
-            elif path == self.root and change != 2:
+            elif path == self.root and change != Change.modified.value:
                 root_gone = True
         if changes:
             self.on_batch(changes, seen_at)

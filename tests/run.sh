@@ -20,6 +20,15 @@ if ((${#missing[@]})); then
     || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
 fi
 
+# Debian's chromium: the monitoring stack test screenshots Prometheus' graph page with it (headless).
+# Not needed when the stack is skipped; without root the test says what is missing.
+if [ "${UPSYNC_SKIP_STACK:-}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  log "installing chromium (headless screenshots in the monitoring stack test)"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } >/tmp/upsync-apt.log 2>&1 \
+    || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+fi
+
 # Python: a project venv with the pinned tools and the package itself (editable).
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

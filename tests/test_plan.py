@@ -32,7 +32,7 @@ def test_files_are_sent_missing_paths_deleted(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"x")
     p = plan({"a.jpg": MODIFIED, "gone.jpg": DELETED}, tmp_path)
     assert p.send == ["a.jpg"] and p.delete == ["gone.jpg"]
-    assert p.files_from() == b"a.jpg\0"  # the sends; removals go their own way (see sidecar.filters)
+    assert p.files_from() == b"./a.jpg\0"  # the sends; removals go their own way (see sidecar.filters)
     assert p.removals == ["gone.jpg"]
 
 
@@ -109,6 +109,7 @@ def test_odd_names(tmp_path: Path) -> None:
     p = plan(dict.fromkeys(names, ADDED), tmp_path)
     assert sorted(p.send) == sorted(names)
     assert p.files_from().count(b"\0") == len(names)
+    assert all(entry.startswith(b"./") for entry in p.files_from().split(b"\0")[:-1])
 
 
 def test_limit_asks_for_full_sync(tmp_path: Path) -> None:

@@ -422,3 +422,15 @@ def test_an_unreadable_directory_does_not_stop_full_syncs_from_deleting(
     wait_until(lambda: not (sshd.root / "stray.jpg").exists(), 15, "the reconcile to delete a stray file")
     assert (sshd.root / "lost+found/untouched").exists() and (sshd.root / "kept.jpg").exists()
     assert sum("lost+found" in ln and "not replicated" in ln for ln in sidecar.logs().splitlines()) == 1
+
+
+def test_top_level_names_rsync_would_read_as_comments(source: Path, sshd: SshServer, run_sidecar) -> None:
+    # Regression (found by the compatibility matrix): rsync reads a --files-from entry beginning with "#" or ";"
+    # as a comment, even NUL-separated: a top-level "#1.jpg" was neither sent nor deleted by batches.
+    run_sidecar()
+    for name in ("#1.jpg", ";2.jpg", "# 3.jpg"):
+        (source / name).write_text(name)
+    assert_converges(source, sshd.root, 15)
+    (source / "#1.jpg").unlink()
+    (source / ";2.jpg").rename(source / ";renamed.jpg")
+    assert_converges(source, sshd.root, 15)

@@ -2,6 +2,7 @@
 
 Skipped only with ``UPSYNC_SKIP_STACK=1``; without Docker the tests fail and say so (CI has Docker).
 A failing test gets the logs of the services it names with ``@pytest.mark.involves(...)``.
+A module that sets ``COMPOSE_PROFILES = "monitoring"`` gets the stack with that profile (Prometheus).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.sshd import free_port
-from tests.stack.harness import SERVICES, TIMINGS, CommandError, Compose, Stack
+from tests.stack.harness import SERVICES, TIMINGS, CommandError, Compose, Stack, git_revision
 
 # Cold: five images built from Debian packages (about 2 minutes here); warm: seconds.
 BUILD_AND_UP_TIMEOUT = 600
@@ -48,7 +49,7 @@ def _say(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     global _current
     if os.environ.get("UPSYNC_SKIP_STACK") == "1":
         pytest.skip("UPSYNC_SKIP_STACK=1")
@@ -65,6 +66,10 @@ def stack() -> Iterator[Stack]:
         UPSYNC_SITE_URL=f"http://127.0.0.1:{port}",
         UPSYNC_ADMIN_PASSWORD=admin_password,
         UPSYNC_DB_PASSWORD=secrets.token_urlsafe(12),
+        UPSYNC_PROMETHEUS_PORT=str(free_port()),
+        # The images' OCI label and upsync_build_info{revision}; one value for every module, so no rebuild.
+        UPSYNC_REVISION=git_revision(),
+        COMPOSE_PROFILES=getattr(request.module, "COMPOSE_PROFILES", ""),
     )
     compose = Compose(project, env)
     start = time.monotonic()

@@ -83,7 +83,8 @@ class Demo:
         return len(re.findall(rf'"PURGE {re.escape(path)} HTTP', logs))
 
     def metric(self, name: str, **labels: str) -> float:
-        code = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9110/metrics').read().decode())"
+        # The container's own SYNC_HTTP_ADDR (an address on the monitoring network in the stack).
+        code = "import os, urllib.request as u; print(u.urlopen(f'http://{os.environ[\"SYNC_HTTP_ADDR\"]}/metrics').read().decode())"
         text = self.compose.exec(self.compose.one("sidecar"), "python", "-c", code).stdout.decode()
         total = 0.0
         for line in text.splitlines():

@@ -257,6 +257,12 @@ def test_nginx_serves_uploads_as_static_data_only(stack: Stack) -> None:
         cp shell.php shell.phtml
         cp shell.php shell.php.jpg
         echo 'Options +Indexes' > .htaccess
+        printf '<script>alert(1)</script>' > page.html
+        printf '<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>' > pic.svg
+        printf '%%PDF-1.4 not really' > doc.pdf
+        mkdir -p {APP_UPLOADS}/woocommerce_uploads {APP_UPLOADS}/backwpup-1a2b-backups
+        echo 'order 1: a paid download' > {APP_UPLOADS}/woocommerce_uploads/order-1.pdf
+        echo 'a site backup' > {APP_UPLOADS}/backwpup-1a2b-backups/site.zip
     """
     stack.compose.exec(stack.id("app"), "sh", "-c", plant, user="www-data")
     nodes = stack.nodes()
@@ -296,7 +302,15 @@ def test_nginx_serves_uploads_as_static_data_only(stack: Stack) -> None:
         resp = fetch(base, "plant/shell.php.jpg")
         assert resp.body.startswith(b"<?php") and b"EXEC42" not in resp.body
         assert resp.headers.get("X-Content-Type-Options") == "nosniff"
-        assert "sandbox" in resp.headers.get("Content-Security-Policy", "")
+        # Script-capable types are sandboxed; others get no CSP (a sandbox blanks inline PDFs in Safari).
+        for rel in ("plant/page.html", "plant/pic.svg"):
+            assert "sandbox" in fetch(base, rel).headers.get("Content-Security-Policy", ""), (name, rel)
+        for rel in ("plant/shell.php.jpg", "plant/doc.pdf", "plant/real.txt"):
+            resp = fetch(base, rel)
+            assert resp.status == 200 and "Content-Security-Policy" not in resp.headers, (name, rel)
+        # Plugins' private folders: never replicated, and refused even where a copy exists.
+        for rel in ("woocommerce_uploads/order-1.pdf", "backwpup-1a2b-backups/site.zip"):
+            assert fetch(base, rel).status == 404, (name, rel)
         # Dotfiles: never served, in the uploads or anywhere else (not even proxied to the app).
         assert fetch(base, "plant/.htaccess").status == 403
         assert request(base + "/.env").status == 403
@@ -306,6 +320,14 @@ def test_nginx_serves_uploads_as_static_data_only(stack: Stack) -> None:
         resp = fetch(app, rel)
         assert resp.status == 403 and b"EXEC42" not in resp.body, ("app", rel, resp.status)
     stack.compose.exec(content, "rm", "-f", f"{NODE_UPLOADS}/plant/direct.txt", f"{NODE_UPLOADS}/etc")
+    for private in ("woocommerce_uploads", "backwpup-1a2b-backups"):
+        assert stack.compose.exec(content, "test", "-e", f"{NODE_UPLOADS}/{private}", check=False).returncode != 0
+    # A copy put on content's disk some other way is not served either (defence in depth).
+    stack.compose.exec(
+        content, "sh", "-c", f"mkdir -p {NODE_UPLOADS}/wc-logs && echo secret > {NODE_UPLOADS}/wc-logs/fatal.log"
+    )
+    assert fetch(nodes["content"], "wc-logs/fatal.log").status == 404
+    stack.compose.exec(content, "rm", "-rf", f"{NODE_UPLOADS}/wc-logs")
 
 
 # ----- failures --------------------------------------------------------------------------------------
