@@ -84,7 +84,10 @@ class Demo:
 
     def metric(self, name: str, **labels: str) -> float:
         # The container's own SYNC_HTTP_ADDR (an address on the monitoring network in the stack).
-        code = "import os, urllib.request as u; print(u.urlopen(f'http://{os.environ[\"SYNC_HTTP_ADDR\"]}/metrics').read().decode())"
+        code = (
+            "import os, urllib.request as u; "
+            "print(u.urlopen('http://' + os.environ['SYNC_HTTP_ADDR'] + '/metrics').read().decode())"
+        )
         text = self.compose.exec(self.compose.one("sidecar"), "python", "-c", code).stdout.decode()
         total = 0.0
         for line in text.splitlines():
