@@ -585,7 +585,7 @@ SETTINGS: tuple[Setting, ...] = (
         _bool(),
         "Full syncs keep a file cut mid-transfer in `.upsync-partial/` on the target and resume from it (rsync "
         "`--partial-dir`, delta transfer). Needs a receiver that keeps partial data: rrsync 3.5's jail drops it "
-        "(docs/hooks.md#resumable-transfers).",
+        "(docs/progress.md#resumable-transfers).",
         _G_PROGRESS,
     ),
 )
