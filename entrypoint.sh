@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # upsync image entrypoint, after docker-library's conventions (postgres' docker-entrypoint.sh):
 #   docker run IMAGE                      -> python -m sidecar run
-#   docker run IMAGE once|check|config|health|--flag ...  -> python -m sidecar ...
+#   docker run IMAGE once|check|config|health|keys|--flag ...  -> python -m sidecar ...
 #   docker run IMAGE bash                 -> bash, with no setup at all
 # Setup, only when the sidecar itself runs:
 #   * SYNC_SSH_KEY / SYNC_SSH_KNOWN_HOSTS / SYNC_WEBHOOK_SECRET (inline text) are written to private 0600
@@ -98,7 +98,7 @@ main() {
 		set -- run
 	fi
 	case "$1" in
-	run | once | check | config | health | -*) set -- python -m sidecar "$@" ;;
+	run | once | check | config | health | keys | -*) set -- python -m sidecar "$@" ;;
 	esac
 
 	if is_sidecar "$@"; then

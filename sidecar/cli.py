@@ -35,6 +35,7 @@ COMMANDS = {
     "status": "one line per target from the running daemon (--json for all of it); exit 0 ok, 1 degraded, 2 failing",
     "plan": "what a full sync would send and delete on each target now (a dry run; nothing changes)",
     "approve": "approve N: let the running daemon's next full sync delete up to N paths, once (--only TARGET for one)",
+    "keys": "make the deployment's ssh keys in DIR and say how to load them (python -m sidecar keys --help)",
 }
 
 
@@ -101,6 +102,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:  # its own arguments (DIR, owners), none of the daemon's settings
+        from .keys import main as keys_main
+
+        return keys_main(argv[1:])
     known = {opt for action in parser._actions for opt in action.option_strings}
     for token in argv:
         name = token.split("=", 1)[0]
@@ -112,6 +117,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(EXIT_CONFIG, f"invalid command line: {exc}")
+    if args.command == "keys":  # reached only with daemon flags before it
+        return _fail(EXIT_CONFIG, "invalid command line: keys comes first (python -m sidecar keys DIR [--flags])")
     if args.command == "config":
         sys.stdout.write(env_example() if args.env_example else markdown_table())
         return 0

@@ -184,7 +184,7 @@ class Daemon:
         # the fanout reads content's copy); rsync's own runs hide it with a perishable rule instead.
         reserved = Excludes((*cfg.exclude, f"{PARTIAL_DIR}/"))
         self.planner = Planner(self.root, reserved, limit=cfg.max_pending)
-        self.plans = SharedPlans(self.planner)
+        self.plans = SharedPlans(self.planner, counted=lambda kind: self.metrics.plans.labels(kind).inc())
         self.scans = SharedScan(self.root, reserved)
         self.hooks: Hooks | None = None  # made in run(): reading the webhook secret may fail
         self.slots = Slots(parallel_runs(cfg.max_parallel))

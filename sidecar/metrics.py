@@ -126,6 +126,13 @@ class Metrics:
             registry=r,
         )
         # Computed at scrape time (set_readiness), so it is right even when nobody polls /readyz.
+        self.plans = Counter(
+            "upsync_plans",
+            "Batch plans made: one per watcher batch shared by every target, or private (a target that was "
+            "behind or retries plans its own).",
+            ["kind"],
+            registry=r,
+        )
         self.ready = Gauge("upsync_ready", "1 when /readyz answers 200.", registry=r)
         self.full_sync_interval = Gauge(
             "upsync_full_sync_interval_seconds",

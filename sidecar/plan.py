@@ -368,9 +368,10 @@ class SharedPlans:
         keep: how many recent batch plans to keep.
     """
 
-    def __init__(self, planner: Planner, keep: int = 64) -> None:
+    def __init__(self, planner: Planner, keep: int = 64, counted: Callable[[str], None] = lambda _: None) -> None:
         self.planner = planner
         self.keep = keep
+        self.counted = counted  # called with "shared" or "private" for each plan made
         self._plans: OrderedDict[int, tuple[threading.Lock, list[Plan]]] = OrderedDict()
         self._lock = threading.Lock()
         self.made = 0  # plans made (for tests and metrics)
@@ -378,7 +379,7 @@ class SharedPlans:
     def get(self, batch: int | None, changes: Mapping[str, int]) -> Plan:
         """The plan of watcher batch ``batch`` (None: a private plan of ``changes``)."""
         if batch is None:
-            return self._make(changes)
+            return self._make(changes, "private")
         with self._lock:
             entry = self._plans.get(batch)
             if entry is None:
@@ -388,11 +389,12 @@ class SharedPlans:
         lock, made = entry
         with lock:  # the others wait for the first, instead of planning the same batch again
             if not made:
-                made.append(self._make(changes))
+                made.append(self._make(changes, "shared"))
             return _copy(made[0])
 
-    def _make(self, changes: Mapping[str, int]) -> Plan:
+    def _make(self, changes: Mapping[str, int], kind: str) -> Plan:
         self.made += 1
+        self.counted(kind)
         return self.planner.plan(changes)
 
 

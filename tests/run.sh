@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README "Testing"): installs what it needs, then lints and runs every suite.
-#   bash tests/run.sh            everything: lint, unit, integration (real sshd + rsync), faults, compose stack
+#   bash tests/run.sh            everything: lint, unit, integration (real sshd + rsync), faults, compose stack,
+#                                the Swarm stack on two engines, the Kubernetes manifests and Dockerfiles checks
 #   bash tests/run.sh -m "not stack"   any extra arguments go to pytest
 # Needs root for the integration suites (a dedicated ssh target user, sysctl knobs); Docker for the stack.
 set -Eeuo pipefail
@@ -39,6 +40,18 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
 .venv/bin/python -c 'import sidecar, watchfiles, tenacity, dotenv, prometheus_client, pytest' \
   || { log "the venv is incomplete; see pip's output above"; exit 1; }
+
+# The manifest and Dockerfile checks (tests/test_manifests.py): kubernetes-validate and checkov, in a venv of
+# their own (checkov pins many packages), remade only when requirements-checks.lock changes.
+if ! cmp -s requirements-checks.lock .venv-checks/installed.lock 2>/dev/null; then
+  log "installing the manifest checks into .venv-checks (about a minute)"
+  rm -rf .venv-checks
+  "$python" -m venv .venv-checks
+  .venv-checks/bin/python -m pip install -q --no-compile --disable-pip-version-check -r requirements-checks.lock 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  .venv-checks/bin/checkov --version >/dev/null && .venv-checks/bin/kubernetes-validate --version >/dev/null \
+    || { log ".venv-checks is incomplete; see pip's output above"; exit 1; }
+  cp requirements-checks.lock .venv-checks/installed.lock
+fi
 
 log "ruff"
 .venv/bin/ruff check sidecar tests bench

@@ -359,7 +359,7 @@ CASES: list[Case] = [
         "unknown command",
         {},
         "upsync: invalid command line: argument command: invalid choice: 'start' (choose from 'run', 'once', "
-        "'check', 'config', 'health', 'status', 'plan', 'approve')",
+        "'check', 'config', 'health', 'status', 'plan', 'approve', 'keys')",
         args=("start",),
     ),
     # ----- source --------------------------------------------------------------------------------
