@@ -4,8 +4,9 @@
 #   docker run IMAGE once|check|config|health|keys|--flag ...  -> python -m sidecar ...
 #   docker run IMAGE bash                 -> bash, with no setup at all
 # Setup, only when the sidecar itself runs:
-#   * SYNC_SSH_KEY / SYNC_SSH_KNOWN_HOSTS (inline text) are written to private 0600 files in the
-#     runtime tmpfs and SYNC_SSH_KEY_FILE / SYNC_SSH_KNOWN_HOSTS_FILE point at them;
+#   * SYNC_SSH_KEY / SYNC_SSH_KNOWN_HOSTS / SYNC_WEBHOOK_SECRET (inline text) are written to private 0600
+#     files in the runtime tmpfs and SYNC_SSH_KEY_FILE / SYNC_SSH_KNOWN_HOSTS_FILE /
+#     SYNC_WEBHOOK_SECRET_FILE point at them;
 #   * a uid without a passwd entry (docker run --user 4242) gets one through libnss-wrapper,
 #     because OpenSSH's client refuses to run without it ("No user exists for uid 4242").
 set -Eeuo pipefail
@@ -110,6 +111,7 @@ main() {
 		fi
 		file_env SYNC_SSH_KEY id_key
 		file_env SYNC_SSH_KNOWN_HOSTS known_hosts
+		file_env SYNC_WEBHOOK_SECRET webhook_secret
 		passwd_entry
 	fi
 	exec "$@"

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, invalid
 from .control import ControlError, find_daemon, request
 from .daemon import Runtime, resolve
 from .filters import Excludes
+from .hooks import check_hooks
 from .plan import files_from
 from .rsync import Rsync
 from .targets import Target
@@ -162,6 +163,7 @@ def preflight(cfg: Config) -> None:
     check_ssh_key(cfg)
     check_known_hosts(cfg)
     check_runtime_dir(cfg)
+    check_hooks(cfg)
 
 
 def _line(out: TextIO, ok: bool, what: str, detail: str) -> bool:
@@ -226,6 +228,7 @@ def run_checks(cfg: Config, out: TextIO = sys.stdout) -> int:
         ("ssh key", check_ssh_key),
         ("known_hosts", check_known_hosts),
         ("runtime dir", check_runtime_dir),
+        *([("hooks", check_hooks)] if cfg.hook_command or cfg.webhook_url else []),
     ]
     failed: set[str] = set()
     for what, fn in checks:

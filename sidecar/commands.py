@@ -59,6 +59,10 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
             f"{' + full sync' if t.get('full_sync_pending') else ''}, p95 {_ms(t.get('latency_p95_s'))}, "
             f"delete guard {'TRIPPED' if t.get('delete_guard') else 'off'}"
         )
+        if progress := t.get("progress"):  # a full sync runs (sidecar.progress)
+            done = "?" if progress.get("percent") is None else f"{progress['percent']}%"
+            eta = "" if progress.get("eta_s") is None else f", eta {progress['eta_s']} s"
+            line += f", full sync {done} ({progress['files_sent']} files sent{eta})"
         if t.get("message"):
             line += f" — {t['message']}"
         lines.append(line)

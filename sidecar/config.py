@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,13 +27,14 @@ from dotenv import dotenv_values
 from .filters import pattern_error
 from .targets import Target, TargetError, parse_targets
 
-__all__ = ["ENTRYPOINT_ONLY", "SETTINGS", "Config", "ConfigError", "Setting", "invalid", "load"]
+__all__ = ["ENTRYPOINT_ONLY", "SETTINGS", "Config", "ConfigError", "Setting", "invalid", "load", "url_shown"]
 
 PREFIX = "SYNC_"
 # Read by the image's entrypoint (inline secrets written to private files), not by Python.
 ENTRYPOINT_ONLY = {
     "SYNC_SSH_KEY": "private key text; the image's entrypoint writes it to a private file",
     "SYNC_SSH_KNOWN_HOSTS": "known_hosts text; the image's entrypoint writes it to a private file",
+    "SYNC_WEBHOOK_SECRET": "the webhook's signing secret; the image's entrypoint writes it to a private file",
 }
 
 
@@ -190,6 +193,103 @@ def _patterns() -> tuple[str, Callable[[str], tuple[str, ...]]]:
     return form, parse
 
 
+def _command() -> tuple[str, Callable[[str], tuple[str, ...]]]:
+    form = "a command line (split as a shell would, run without one: `sh -c '...'` for pipes), or empty"
+
+    def parse(text: str) -> tuple[str, ...]:
+        if "\0" in text:
+            raise ValueError(f"must be {form}")
+        try:
+            argv = tuple(shlex.split(text))
+        except ValueError as exc:  # an unclosed quote
+            raise ValueError(f"must be {form} ({exc})") from None
+        return argv
+
+    return form, parse
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_names() -> tuple[str, Callable[[str], tuple[str, ...]]]:
+    form = "a comma-separated list of environment variable names (not SYNC_* or UPSYNC_*), or empty"
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        for name in names:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"must be {form}; {_show(name)} is not a variable name")
+            if name.upper().startswith(("SYNC_", "UPSYNC_")):
+                raise ValueError(f"must be {form}; {name} is upsync's own (settings may name secrets)")
+        return names
+
+    return form, parse
+
+
+def url_shown(url: str) -> str:
+    """A webhook URL as it may be shown: scheme and host only (its path or query may hold a token).
+
+    Example:
+        >>> url_shown("https://hooks.example.com:8443/T0/B1/secret?x=1"), url_shown("https://u:p@h/x")
+        ('https://hooks.example.com:8443/…', 'https://h/…')
+    """
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a bad port or IPv6 literal
+        scheme = host = port = ""
+    if not scheme or not host or not all(c.isprintable() and not c.isspace() for c in scheme + host):
+        return "(not shown: it may hold a token)"
+    return f"{scheme}://{host}{port}/…"
+
+
+def _webhook_url() -> tuple[str, Callable[[str], str]]:
+    form = "an http:// or https:// URL with a host and no user:password@, or empty"
+
+    def parse(text: str) -> str:
+        text = text.strip()
+        if not text:
+            return ""
+        if any(not c.isprintable() or c.isspace() for c in text):
+            raise ValueError(f"must be {form}")
+        try:
+            parts = urllib.parse.urlsplit(text)
+            port = parts.port  # raises ValueError when it is not a number in range
+        except ValueError:
+            raise ValueError(f"must be {form}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+            raise ValueError(f"must be {form}")
+        if "@" in parts.netloc:
+            # urllib would not send them (and they would be logged with the URL): a token belongs in the
+            # path or query, a signature in SYNC_WEBHOOK_SECRET_FILE.
+            raise ValueError(f"must be {form} (put a token in the path or use SYNC_WEBHOOK_SECRET_FILE)")
+        return text
+
+    return form, parse
+
+
+_RATE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)[KMGkmg]?")
+
+
+def _rate() -> tuple[str, Callable[[str], str]]:
+    form = "a rate for rsync --bwlimit: a number in KiB/s, or with a K, M or G suffix (e.g. 20M), 0 for no limit"
+
+    def parse(text: str) -> str:
+        value = text.strip()
+        if not _RATE.fullmatch(value):
+            raise ValueError(f"must be {form}")
+        number = float(value.rstrip("KMGkmg"))
+        if number == 0:
+            return "0"
+        scale = {"k": 1, "m": 1024, "g": 1024 * 1024}.get(value[-1].lower(), 1)
+        if number * scale < 1:
+            raise ValueError(f"must be {form} (at least 1 KiB/s)")
+        return value.upper()
+
+    return form, parse
+
+
 def _row(name: str, default: str | None, kind: tuple[str, Callable[[str], Any]], help_: str, group: str) -> Setting:
     return Setting(name, default, kind[0], kind[1], help_, group)
 
@@ -200,6 +300,8 @@ _G_DELETE = "Deletes"
 _G_XFER = "Transfer"
 _G_SSH = "SSH"
 _G_RUN = "Running"
+_G_HOOKS = "Hooks"
+_G_PROGRESS = "Progress and bandwidth"
 
 SETTINGS: tuple[Setting, ...] = (
     _row("SYNC_SOURCE", None, _path(), "Directory to replicate (the uploads volume). Required.", _G_WHAT),
@@ -405,8 +507,91 @@ SETTINGS: tuple[Setting, ...] = (
         "the system temp directory. Must be writable (a tmpfs with a read-only root).",
         _G_RUN,
     ),
+    # ----- after a sync: hooks (sidecar.hooks) -----------------------------------------------------
+    _row(
+        "SYNC_HOOK_COMMAND",
+        "",
+        _command(),
+        "Run after each sync that sent or deleted something, per target, off the replication path: the paths "
+        "on stdin (`sent PATH` / `deleted PATH`, NUL-terminated), the facts in `UPSYNC_*` variables "
+        "(docs/hooks.md). Its failures are logged and counted, never retried.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_HOOK_TIMEOUT_S",
+        "30",
+        _int(1, 3600, "seconds"),
+        "A hook still running after this long is killed (with its process group); also the time limit of "
+        "each webhook attempt.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_HOOK_ENV",
+        "",
+        _env_names(),
+        "Names of the sidecar's environment variables the hook may see (e.g. a CDN token); by default it "
+        "gets only PATH, HOME, locale, TZ, TMPDIR and the `UPSYNC_*` facts.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_HOOK_MAX_PATHS",
+        "1000",
+        _int(0, 1000000, "paths"),
+        "A hook or webhook run listing more paths than this lists none and says `all` (purge everything) "
+        "instead; syncs that pile up while a hook is busy merge into one run.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_WEBHOOK_URL",
+        "",
+        _webhook_url(),
+        "POST a JSON document with the same facts here after each such sync (retried with backoff, 6 "
+        "attempts); only its scheme and host are ever logged.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_WEBHOOK_SECRET_FILE",
+        "",
+        _path(optional=True),
+        "File holding a secret: each webhook body is signed with it, `X-Upsync-Signature: sha256=<hex HMAC>`.",
+        _G_HOOKS,
+    ),
+    _row(
+        "SYNC_WEBHOOK_MAX_BYTES",
+        "1048576",
+        _int(1024, 104857600, "bytes"),
+        "Largest webhook body; a larger one is sent as `all` with no paths listed.",
+        _G_HOOKS,
+    ),
+    # ----- long full syncs (sidecar.progress) -------------------------------------------------------
+    _row(
+        "SYNC_PROGRESS_INTERVAL_S",
+        "30",
+        _int(0, 86400, "seconds"),
+        "While a full sync runs, log its progress (files, bytes, percent, ETA) this often; 0: no log lines "
+        "(the gauges and `/readyz` still show it).",
+        _G_PROGRESS,
+    ),
+    _row(
+        "SYNC_BWLIMIT",
+        "0",
+        _rate(),
+        "Cap every rsync run's transfer rate (rsync `--bwlimit`, per target: N targets may use N times it).",
+        _G_PROGRESS,
+    ),
+    _row(
+        "SYNC_RESUME",
+        "false",
+        _bool(),
+        "Full syncs keep a file cut mid-transfer in `.upsync-partial/` on the target and resume from it (rsync "
+        "`--partial-dir`, delta transfer). Needs a receiver that keeps partial data: rrsync 3.5's jail drops it "
+        "(docs/progress.md#resumable-transfers).",
+        _G_PROGRESS,
+    ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
+# Settings whose value may be a secret: an error shows only the URL's scheme and host.
+_SECRET_VALUES = {"SYNC_WEBHOOK_URL"}
 
 
 @dataclass(frozen=True)
@@ -444,6 +629,16 @@ class Config:
     log_level: str
     shutdown_grace_s: int
     runtime_dir: Path | None
+    hook_command: tuple[str, ...]
+    hook_timeout_s: int
+    hook_env: tuple[str, ...]
+    hook_max_paths: int
+    webhook_url: str
+    webhook_secret_file: Path | None
+    webhook_max_bytes: int
+    progress_interval_s: int
+    bwlimit: str
+    resume: bool
 
 
 assert [f.name for f in fields(Config)] == [s.attr for s in SETTINGS], "Config must follow SETTINGS"
@@ -548,10 +743,15 @@ def _values(
         try:
             values[setting.attr] = setting.parse(text)
         except ValueError as exc:
-            raise invalid(setting.name, text, str(exc)) from None
+            shown = url_shown(text) if setting.name in _SECRET_VALUES else text
+            raise invalid(setting.name, shown, str(exc)) from None
     cfg = Config(**values)
     if cfg.max_delay_ms < cfg.quiet_ms:
         raise invalid("SYNC_MAX_DELAY_MS", str(cfg.max_delay_ms), f"at least SYNC_QUIET_MS ({cfg.quiet_ms})")
     if cfg.mode == "interval" and cfg.full_sync_interval == 0:
         raise invalid("SYNC_FULL_SYNC_INTERVAL", "0", "at least 1 (seconds) when SYNC_MODE=interval")
+    if cfg.webhook_secret_file is not None and not cfg.webhook_url:
+        raise invalid(
+            "SYNC_WEBHOOK_SECRET_FILE", str(cfg.webhook_secret_file), "empty when SYNC_WEBHOOK_URL is (nothing to sign)"
+        )
     return cfg

@@ -27,10 +27,11 @@ from .control import ControlServer
 from .filters import Excludes
 from .guard import GuardError, SourceGuard
 from .health import HealthServer
+from .hooks import Hooks, make_hooks
 from .metrics import Metrics
 from .plan import Planner, SharedPlans
 from .policy import DeleteLimits
-from .rsync import Rsync, Slots
+from .rsync import PARTIAL_DIR, Rsync, Slots
 from .sandbox import SandboxError, SourceSandbox
 from .scan import SharedScan
 from .ssh import SshLink, private_key, write_ssh_config
@@ -178,10 +179,14 @@ class Daemon:
         except BaseException:
             self.runtime.close()
             raise
-        excludes = Excludes(cfg.exclude)
-        self.planner = Planner(self.root, excludes, limit=cfg.max_pending)
+        self.excludes = Excludes(cfg.exclude)
+        # The planner and the scan also skip the reserved partial directory (SYNC_RESUME, perhaps upstream's:
+        # the fanout reads content's copy); rsync's own runs hide it with a perishable rule instead.
+        reserved = Excludes((*cfg.exclude, f"{PARTIAL_DIR}/"))
+        self.planner = Planner(self.root, reserved, limit=cfg.max_pending)
         self.plans = SharedPlans(self.planner, counted=lambda kind: self.metrics.plans.labels(kind).inc())
-        self.scans = SharedScan(self.root, excludes)
+        self.scans = SharedScan(self.root, reserved)
+        self.hooks: Hooks | None = None  # made in run(): reading the webhook secret may fail
         self.slots = Slots(parallel_runs(cfg.max_parallel))
         self._batches = itertools.count(1)
         self._probe_warned = False
@@ -207,6 +212,7 @@ class Daemon:
             quiet_s=cfg.quiet_ms / 1000,
             unhealthy_after_s=cfg.unhealthy_after_s,
             once=cfg.mode == "once",
+            progress_interval_s=cfg.progress_interval_s,
         )
 
     # ----- workers -------------------------------------------------------------------------------
@@ -219,13 +225,18 @@ class Daemon:
             target.rsync_dest(),
             link.rsync_shell(),
             cfg.chmod,
-            self.planner.excludes,
+            self.excludes,
             cfg.io_timeout_s,
             preexec=self.sandbox.preexec if self.sandbox else None,
             slots=self.slots,
+            bwlimit=cfg.bwlimit,
+            resume=cfg.resume,
+            itemize=self.hooks is not None,
         )
         transport = Transport(target, link, rsync, self.runtime.dir)
-        worker = Worker(transport, self.plans, self.scans, self.guard, self.metrics, self.settings, self.reports)
+        worker = Worker(
+            transport, self.plans, self.scans, self.guard, self.metrics, self.settings, self.reports, self.hooks
+        )
         transport.on_skipped = worker.report_skipped
         self.workers[target.name] = worker
         worker.start()
@@ -433,6 +444,9 @@ class Daemon:
             },
         )
         try:
+            self.hooks = make_hooks(cfg, self.root, self.metrics)
+            if self.hooks is not None:
+                log.info("hooks", extra={"fields": {"hooks": ",".join(r.sink.name for r in self.hooks.runners)}})
             if cfg.http_addr and cfg.mode != "once":
                 try:
                     self.http = HealthServer(cfg.http_addr, self.health, self.ready, self.metrics.registry)
@@ -522,6 +536,9 @@ class Daemon:
                     extra={"fields": {"target": worker.name_label, "paths": left}},
                 )
             worker.transport.link.close()
+        if self.hooks is not None:
+            # After the workers: their last syncs are reported too (within the grace, at least a second).
+            self.hooks.close(max(deadline, time.monotonic() + 1.0))
         if self.http is not None:
             self.http.close()
         if self.control is not None:

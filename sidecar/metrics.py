@@ -20,10 +20,14 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 
-__all__ = ["REASONS", "STATES", "Metrics", "histogram_quantile"]
+__all__ = ["HOOKS", "HOOK_RESULTS", "REASONS", "STATES", "Metrics", "histogram_quantile"]
 
 # A target's state, as /readyz names it; upsync_target_state has one series per state, 1 for the current one.
 STATES = ("starting", "ok", "failing", "delete_guard", "fatal")
+
+# The values of the `hook` and `result` labels of upsync_hook_runs_total.
+HOOKS = ("command", "webhook")
+HOOK_RESULTS = ("ok", "failed", "timeout", "error")
 
 # The fixed set of values of the `reason` label (failures, skips, guard trips).
 REASONS = (
@@ -149,6 +153,72 @@ class Metrics:
             registry=r,
         )
 
+        self._daytwo(r)
+
+    def _daytwo(self, r: CollectorRegistry) -> None:
+        """Hooks (sidecar.hooks) and the progress of full syncs (sidecar.progress)."""
+        self.hook_runs = Counter(
+            "upsync_hook_runs",
+            "Hook command (hook=command) and webhook (hook=webhook) runs per target and result: ok, failed "
+            "(non-zero exit, HTTP error, retries exhausted), timeout (killed at SYNC_HOOK_TIMEOUT_S), error "
+            "(could not start).",
+            ["hook", "target", "result"],
+            registry=r,
+        )
+        self.hook_merged = Counter(
+            "upsync_hook_merged",
+            "Syncs merged into a hook run already waiting (the hook was busy): one run reports them all.",
+            ["hook", "target"],
+            registry=r,
+        )
+        self.hook_everything = Counter(
+            "upsync_hook_everything",
+            "Hook runs that listed no paths but said `all` (more than SYNC_HOOK_MAX_PATHS, or a webhook body "
+            "over SYNC_WEBHOOK_MAX_BYTES).",
+            ["hook", "target"],
+            registry=r,
+        )
+        self.hook_duration = Histogram(
+            "upsync_hook_duration_seconds",
+            "How long a hook run took (a webhook's retries included).",
+            ["hook"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.full_running = Gauge(
+            "upsync_full_sync_running", "1 while a full sync to the target runs.", ["target"], registry=r
+        )
+        self.full_files = Gauge(
+            "upsync_full_sync_files_sent",
+            "Files the running (or last) full sync has sent so far.",
+            ["target"],
+            registry=r,
+        )
+        self.full_files_total = Gauge(
+            "upsync_full_sync_files_to_send",
+            "Files the running (or last) full sync sends in all, from its dry run (NaN: unknown, SYNC_DELETE=false).",
+            ["target"],
+            registry=r,
+        )
+        self.full_bytes = Gauge(
+            "upsync_full_sync_bytes_sent",
+            "Bytes of file data the running (or last) full sync has sent so far.",
+            ["target"],
+            registry=r,
+        )
+        self.full_bytes_total = Gauge(
+            "upsync_full_sync_bytes_to_send",
+            "Bytes the running (or last) full sync sends in all, from its dry run (NaN: unknown).",
+            ["target"],
+            registry=r,
+        )
+        self.full_eta = Gauge(
+            "upsync_full_sync_eta_seconds",
+            "Estimated seconds left in the running full sync (0 when none runs, NaN: unknown).",
+            ["target"],
+            registry=r,
+        )
+
     def set_readiness(self, ready: Callable[[], bool], states: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """Compute ``upsync_ready`` and ``upsync_target_state`` at every scrape from these callbacks."""
         self.ready.set_function(lambda: 1.0 if ready() else 0.0)
@@ -169,3 +239,20 @@ class Metrics:
         for metric in (self.files, self.bytes, self.deleted, self.pending, self.last_success, self.guard, self.latency):
             with contextlib.suppress(KeyError):
                 metric.remove(target)
+        for gauge in (
+            self.full_running,
+            self.full_files,
+            self.full_files_total,
+            self.full_bytes,
+            self.full_bytes_total,
+            self.full_eta,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(target)
+        for hook in HOOKS:
+            for counter in (self.hook_merged, self.hook_everything):
+                with contextlib.suppress(KeyError):
+                    counter.remove(hook, target)
+            for result in HOOK_RESULTS:
+                with contextlib.suppress(KeyError):
+                    self.hook_runs.remove(hook, target, result)

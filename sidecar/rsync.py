@@ -18,6 +18,7 @@ so a sync over the delete guard's limits deletes nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -30,6 +31,7 @@ from .filters import Excludes
 
 __all__ = [
     "MISSING_ARGS",
+    "PARTIAL_DIR",
     "RULES",
     "Outcome",
     "Result",
@@ -49,6 +51,9 @@ RULES = "rules"
 # directory, so nothing is read from the source and nothing is written on the target.
 PROBE_DIR = ".upsync-probe"
 PROBE_NAME = f"{PROBE_DIR}/missing"
+# Where a full sync with SYNC_RESUME keeps a file cut mid-transfer on the target (rsync --partial-dir). A
+# reserved name: never sent (the planner skips it, full syncs hide it) and never served (nginx denies dotfiles).
+PARTIAL_DIR = ".upsync-partial"
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,57 @@ def deletions_skipped(stderr: str) -> bool:
     return _NO_DELETES in stderr
 
 
+def _stream(proc: subprocess.Popen[bytes], stdin: bytes, on_output: Callable[[bytes], bool]) -> tuple[bytes, bytes]:
+    """:meth:`Popen.communicate`, but stdout is handed over line by line as it comes. Threads write stdin and
+    drain stderr, so a large stdin or a chatty stderr cannot deadlock the reading."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    pipe_in, pipe_err = proc.stdin, proc.stderr
+    errors: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            pipe_in.write(stdin)
+        except (BrokenPipeError, ValueError):
+            pass  # rsync ended early: its exit code says why
+        finally:
+            with contextlib.suppress(OSError):
+                pipe_in.close()
+
+    def drain() -> None:
+        errors.append(pipe_err.read())
+
+    helpers = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for helper in helpers:
+        helper.start()
+    kept: list[bytes] = []
+    rest = b""
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 65536):
+        *lines, rest = _LINE_END.split(rest + chunk)
+        for line in lines:
+            if line and not _consumed(on_output, line):
+                kept.append(line)
+    if rest and not _consumed(on_output, rest):
+        kept.append(rest)
+    proc.wait()
+    for helper in helpers:
+        helper.join()
+    return b"\n".join([*kept, b""]), errors[0] if errors else b""
+
+
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+def _consumed(on_output: Callable[[bytes], bool], line: bytes) -> bool:
+    # A fault in the line handler must not stop the reading (rsync would block on a full pipe).
+    try:
+        return on_output(line)
+    except Exception:
+        return False
+
+
 class Slots:
     """A bound on rsync runs using the CPU at once (``SYNC_MAX_PARALLEL``), so 64 targets do not thrash two
     cores. A run holds its slot for at most ``hold_s``: a long full sync or a transfer stuck on a dead node
@@ -309,6 +365,9 @@ class Rsync:
         io_timeout: ``--timeout`` seconds.
         preexec: gives the function each rsync child runs before exec (the sandbox's), or None.
         slots: bounds runs across targets, or None.
+        bwlimit: ``SYNC_BWLIMIT`` ("0": none).
+        resume: ``SYNC_RESUME``: full syncs keep and reuse partial files.
+        itemize: list what each run sent and deleted (``--out-format``), for the hooks.
     """
 
     def __init__(
@@ -321,8 +380,13 @@ class Rsync:
         io_timeout: int,
         preexec: Callable[[], Callable[[], None]] | None = None,
         slots: Slots | None = None,
+        bwlimit: str = "0",
+        resume: bool = False,
+        itemize: bool = False,
     ) -> None:
         self.source = source.rstrip("/") + "/"
+        self.resume = resume
+        self.itemize = itemize
         self.dest = dest
         self.excludes = excludes
         common = ["rsync", "-e", shell, "--links", "--safe-links", "--times", "--omit-dir-times", "--perms"]
@@ -332,6 +396,8 @@ class Rsync:
         if chmod:
             common.append(f"--chmod={chmod}")
         common += [f"--timeout={io_timeout}", "--stats"]
+        if bwlimit != "0":
+            common.append(f"--bwlimit={bwlimit}")
         self._common = common
         self.preexec = preexec
         self.slots = slots
@@ -348,6 +414,7 @@ class Rsync:
         # the previous copy was made would otherwise be skipped. --force: a directory on the target that
         # is a file now is replaced.
         args = [*self._common, *self.excludes.rsync_args(), "--from0", "--files-from=-", "--ignore-times"]
+        args += self._itemized()
         return [*args, "--ignore-missing-args", "--force", self.source, self.dest]
 
     def remove_args(self, method: str, count_only: bool, max_delete: int = 0) -> list[str]:
@@ -359,17 +426,27 @@ class Rsync:
             args += ["--files-from=-", "--delete-missing-args", "--force"]
         else:
             args += ["--recursive", "--delete", "--filter=merge -"]
-        args += ["--dry-run"] if count_only else [f"--max-delete={max_delete}"]
+        args += ["--dry-run"] if count_only else [f"--max-delete={max_delete}", *self._itemized()]
         return [*args, self.source, self.dest]
 
-    def full_args(self, delete: bool, count_only: bool, max_delete: int = 0, itemize: bool = False) -> list[str]:
+    def full_args(
+        self, delete: bool, count_only: bool, max_delete: int = 0, itemize: bool = False, progress: bool = False
+    ) -> list[str]:
         """The whole tree, with this run's own rules on stdin (unreadable directories kept out, paths to
         retract hidden from the sender). Unchanged files are skipped by size and modification time (whole
         seconds), as in any rsync. ``count_only``: a dry run counting what a delete would remove;
-        ``itemize``: one line per change (see :func:`parse_itemized`)."""
+        ``itemize``: one line per change (see :func:`parse_itemized`); ``progress``: rsync's overall
+        progress lines too (``--info=progress2``, see :mod:`sidecar.progress`)."""
         args = [*self._common, *[f"--exclude={p}" for p in self.excludes.patterns], "--recursive"]
-        if itemize:
+        # The partial directory is never sent; "p" (perishable): it does not keep a directory being deleted.
+        args.append(f"--filter=-p {PARTIAL_DIR}/")
+        if self.resume:
+            # Delta transfers: with --whole-file rsync throws a partial file away instead of resuming it.
+            args += [f"--partial-dir={PARTIAL_DIR}", "--no-whole-file"]
+        if itemize or (self.itemize and not count_only):
             args.append("--out-format=%i %n")
+        if progress and not count_only:
+            args.append("--info=progress2")
         args += ["--from0", "--filter=merge -"]
         if delete:
             args.append("--delete")
@@ -392,10 +469,22 @@ class Rsync:
             self.dest,
         ]
 
+    def _itemized(self) -> list[str]:
+        return ["--out-format=%i %n"] if self.itemize else []
+
     # ----- running -----------------------------------------------------------------------------------
 
-    def run(self, args: list[str], stdin: bytes = b"", sandboxed: bool = True) -> Result:
-        """Run rsync to the end (or until :meth:`abort`), in the sandbox and within the slots."""
+    def run(
+        self,
+        args: list[str],
+        stdin: bytes = b"",
+        sandboxed: bool = True,
+        on_output: Callable[[bytes], bool] | None = None,
+    ) -> Result:
+        """Run rsync to the end (or until :meth:`abort`), in the sandbox and within the slots.
+
+        ``on_output``: stream mode; called with each line of stdout (ended by ``\\n`` or ``\\r``) as it comes,
+        returns True when it consumed the line (the rest, the stats, is the result's stdout)."""
         start = time.monotonic()
         env = dict(os.environ, LC_ALL="C")
         preexec = self.preexec() if sandboxed and self.preexec else None
@@ -422,7 +511,7 @@ class Rsync:
                 timer.daemon = True
                 timer.start()
             try:
-                out, err = proc.communicate(stdin)
+                out, err = proc.communicate(stdin) if on_output is None else _stream(proc, stdin, on_output)
             finally:
                 if timer:
                     timer.cancel()

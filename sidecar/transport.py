@@ -186,15 +186,23 @@ class Transport:
         sent, deleted = parse_itemized(run.result.stdout)
         return run.stats, sent, deleted
 
-    def full(self, scan: Scan, delete: bool, max_delete: int) -> Run:
-        """Send the whole tree (and delete up to ``max_delete`` paths)."""
-        return self._run(self.rsync.full_args(delete, count_only=False, max_delete=max_delete), scan.rules())
+    def full(self, scan: Scan, delete: bool, max_delete: int, on_output: Callable[[bytes], bool] | None = None) -> Run:
+        """Send the whole tree (and delete up to ``max_delete`` paths). ``on_output``: rsync's progress and
+        itemized lines as they come (see :class:`sidecar.progress.FullSyncOutput`)."""
+        args = self.rsync.full_args(delete, count_only=False, max_delete=max_delete, progress=on_output is not None)
+        return self._run(args, scan.rules(), on_output)
 
     # ----- running -----------------------------------------------------------------------------------
 
-    def _exec(self, args: list[str], stdin: bytes, sandboxed: bool = True) -> Result:
+    def _exec(
+        self,
+        args: list[str],
+        stdin: bytes,
+        sandboxed: bool = True,
+        on_output: Callable[[bytes], bool] | None = None,
+    ) -> Result:
         for _ in range(_BUSY_TRIES):
-            result = self.rsync.run(args, stdin, sandboxed=sandboxed)
+            result = self.rsync.run(args, stdin, sandboxed=sandboxed, on_output=on_output)
             if "Another instance of rrsync" not in result.stderr:
                 break
             # The lock is per target directory and held only for one transfer; `check` or `plan`
@@ -205,9 +213,9 @@ class Transport:
     def _raise(self, outcome: Outcome) -> None:
         raise TransferError(outcome.reason, outcome.message, fatal=outcome.kind == "fatal")
 
-    def _run(self, args: list[str], stdin: bytes) -> Run:
+    def _run(self, args: list[str], stdin: bytes, on_output: Callable[[bytes], bool] | None = None) -> Run:
         self.connect()
-        result = self._exec(args, stdin)
+        result = self._exec(args, stdin, on_output=on_output)
         outcome = classify(result.returncode, result.stderr)
         if outcome.kind in ("retry", "fatal"):
             self._raise(outcome)

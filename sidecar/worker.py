@@ -22,9 +22,11 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 from . import logs
 from .batch import MODIFIED, Pending, Snapshot
 from .guard import GuardError, SourceGuard
+from .hooks import Changes, Hooks
 from .metrics import Metrics
 from .plan import Plan, SharedPlans, parents
 from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
+from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
 from .rsync import Stats
 from .scan import SharedScan
 from .transport import TransferError, Transport
@@ -66,6 +68,7 @@ class WorkerSettings:
     quiet_s: float
     unhealthy_after_s: int = 0
     once: bool = False  # one full sync, then the thread ends
+    progress_interval_s: int = 30  # SYNC_PROGRESS_INTERVAL_S
 
 
 class ReportOnce:
@@ -97,6 +100,7 @@ class Worker(threading.Thread):
         metrics: where to count.
         settings: behaviour.
         reports: shared "report each skipped path once" memory.
+        hooks: told what each successful sync sent and deleted (None: no hooks configured).
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class Worker(threading.Thread):
         metrics: Metrics,
         settings: WorkerSettings,
         reports: ReportOnce,
+        hooks: Hooks | None = None,
     ) -> None:
         super().__init__(name=f"worker {transport.target.name}", daemon=True)
         self.target = transport.target
@@ -118,6 +123,9 @@ class Worker(threading.Thread):
         self.metrics = metrics
         self.settings = settings
         self.reports = reports
+        self.hooks = hooks
+        self.progress: FullSyncProgress | None = None  # while a full sync runs
+        self._changes: Changes | None = None  # what this attempt sent and deleted, for the hooks
         self.name_label = self.target.name
         self._cond = threading.Condition()
         self._pending = Pending(settings.max_pending)
@@ -243,6 +251,9 @@ class Worker(threading.Thread):
             doc["failing_for_s"] = round(time.monotonic() - self.failing_since, 1)
         if self.transport.receiver is not None:
             doc["receiver"] = self.transport.receiver.describe()
+        progress = self.progress
+        if progress is not None:
+            doc["progress"] = progress.snapshot()
         if reason or message:
             doc.update(reason=reason, message=message)
         return doc
@@ -361,6 +372,9 @@ class Worker(threading.Thread):
         if not snap:
             return
         kind = "full" if snap.full else "batch"
+        if self._changes is None and self.hooks is not None:
+            # Kept across failed attempts: what a cut full sync did send is reported with the retry's.
+            self._changes = self.hooks.changes()
         try:
             if snap.full:
                 self._full_sync(snap)
@@ -440,6 +454,9 @@ class Worker(threading.Thread):
         m.last_success.labels(t).set(self.last_success)
         if seen_at is not None:
             m.latency.labels(t).observe(time.monotonic() - seen_at)
+        if self.hooks is not None and self._changes is not None:
+            self.hooks.submit(t, self.target.host, kind, self._changes)  # never blocks
+            self._changes = None
         log.info(
             "synced",
             extra={
@@ -455,6 +472,15 @@ class Worker(threading.Thread):
                 }
             },
         )
+
+    def _note(self, stdout: str) -> None:
+        """Record what an rsync run itemized (sent files, deleted entries), for the hooks."""
+        if self._changes is None:
+            return
+        for line in stdout.splitlines():
+            item = parse_item(line.encode("utf-8", "surrogateescape"))
+            if item is not None:
+                self._changes.add(*item)
 
     # ----- batches -------------------------------------------------------------------------------
 
@@ -507,6 +533,7 @@ class Worker(threading.Thread):
         stats, seconds = Stats(), 0.0
         if plan.send:
             run = self.transport.send(plan.files_from())
+            self._note(run.result.stdout)
             stats, seconds = run.stats, run.result.seconds
             if run.kind == "vanished":
                 # Files vanished between planning and sending: plan them again (they are deletes now).
@@ -533,6 +560,7 @@ class Worker(threading.Thread):
             self._trip(verdict.why)
             return Stats(), 0.0
         run = self.transport.remove(plan.delete, plan.retract, max_delete=count)
+        self._note(run.result.stdout)
         if run.kind == "delete_limit":
             # More appeared below a removed directory since it was counted; what was counted is deleted,
             # the rest waits for a full sync, which counts again.
@@ -580,7 +608,24 @@ class Worker(threading.Thread):
                         )
                 else:
                     refused = verdict.why
-        run = self.transport.full(scan, delete=allowed > 0, max_delete=allowed)
+        # Streamed: progress lines (log, gauges, /readyz) and, for the hooks, what was sent and deleted.
+        changes = self._changes
+        self.progress = FullSyncProgress(
+            self.name_label,
+            (count.files, count.bytes) if delete else None,
+            self.settings.progress_interval_s,
+            self.metrics,
+        )
+        output = FullSyncOutput(self.progress, changes.add if changes is not None else None)
+        try:
+            run = self.transport.full(scan, delete=allowed > 0, max_delete=allowed, on_output=output.feed)
+        finally:
+            self.progress.finish()
+            self.progress = None
+        if self.transport.rsync.resume and (reused := matched_bytes(run.result.stdout)):
+            log.info(
+                "full sync reused data on the target", extra={"fields": {"target": self.name_label, "bytes": reused}}
+            )
         guard_ok = not refused
         if refused:
             self._trip(refused)  # after the sending pass: everything else did reach the target

@@ -57,6 +57,7 @@ PLACEHOLDERS = {
     "key": "a valid private key file (`{key}.pub` its public half)",
     "known_hosts": "an existing known_hosts file",
     "file": "an existing regular file",
+    "empty": "an existing empty file",
     "bad_env": "a .env file holding the byte 0xff",
     "only_ssh": "a directory holding only an `ssh` link (no rsync on PATH)",
     "port": "the test sshd's port",
@@ -498,6 +499,124 @@ CASES: list[Case] = [
         "upsync: rsync is not installed or not on PATH (install the rsync package)",
         code=3,
     ),
+    # ----- hooks, progress and bandwidth (sidecar.hooks, sidecar.progress) -------------------------------
+    cli(
+        "hook-unclosed-quote",
+        "hook command with an unclosed quote",
+        {"SYNC_HOOK_COMMAND": 'purge "all'},
+        'upsync: invalid SYNC_HOOK_COMMAND="purge "all": must be a command line (split as a shell would, run '
+        "without one: `sh -c '...'` for pipes), or empty (No closing quotation)",
+    ),
+    cli(
+        "hook-not-installed",
+        "hook program not on PATH",
+        {"SYNC_HOOK_COMMAND": "purge-cdn --all"},
+        'upsync: invalid SYNC_HOOK_COMMAND="purge-cdn --all": must be a command whose program exists and can be '
+        "run (purge-cdn is not on PATH)",
+        behaviour="refused at start (pre-flight)",
+    ),
+    cli(
+        "hook-not-executable",
+        "hook program is a file that cannot be run",
+        {"SYNC_HOOK_COMMAND": "{file} x"},
+        'upsync: invalid SYNC_HOOK_COMMAND="{file} x": must be a command whose program exists and can be run '
+        "({file} is not an executable file)",
+    ),
+    cli(
+        "hook-env-own-setting",
+        "hook environment naming one of upsync's settings",
+        {"SYNC_HOOK_ENV": "CDN_TOKEN,SYNC_SSH_KEY_FILE"},
+        'upsync: invalid SYNC_HOOK_ENV="CDN_TOKEN,SYNC_SSH_KEY_FILE": must be a comma-separated list of '
+        "environment variable names (not SYNC_* or UPSYNC_*), or empty; SYNC_SSH_KEY_FILE is upsync's own "
+        "(settings may name secrets)",
+    ),
+    cli(
+        "hook-env-bad-name",
+        "hook environment with a name no variable can have",
+        {"SYNC_HOOK_ENV": "CDN-TOKEN"},
+        'upsync: invalid SYNC_HOOK_ENV="CDN-TOKEN": must be a comma-separated list of environment variable '
+        'names (not SYNC_* or UPSYNC_*), or empty; "CDN-TOKEN" is not a variable name',
+    ),
+    cli(
+        "hook-timeout-zero",
+        "hook timeout 0",
+        {"SYNC_HOOK_TIMEOUT_S": "0"},
+        'upsync: invalid SYNC_HOOK_TIMEOUT_S="0": must be a whole number from 1 to 3600 (seconds)',
+    ),
+    cli(
+        "webhook-scheme",
+        "webhook URL that is not http(s)",
+        {"SYNC_WEBHOOK_URL": "ftp://hooks.example.com/upsync"},
+        'upsync: invalid SYNC_WEBHOOK_URL="ftp://hooks.example.com/…": must be an http:// or https:// URL with a '
+        "host and no user:password@, or empty",
+        behaviour="the URL's path is not shown (it may hold a token)",
+    ),
+    cli(
+        "webhook-credentials",
+        "webhook URL with user:password",
+        {"SYNC_WEBHOOK_URL": "https://user:s3cret@hooks.example.com/upsync"},
+        'upsync: invalid SYNC_WEBHOOK_URL="https://hooks.example.com/…": must be an http:// or https:// URL with a '
+        "host and no user:password@, or empty (put a token in the path or use SYNC_WEBHOOK_SECRET_FILE)",
+        behaviour="the password is not shown",
+    ),
+    cli(
+        "webhook-no-host",
+        "webhook URL without a host",
+        {"SYNC_WEBHOOK_URL": "https:///upsync"},
+        'upsync: invalid SYNC_WEBHOOK_URL="(not shown: it may hold a token)": must be an http:// or https:// URL '
+        "with a host and no user:password@, or empty",
+    ),
+    cli(
+        "webhook-secret-without-url",
+        "webhook secret file but no webhook",
+        {"SYNC_WEBHOOK_SECRET_FILE": "{file}"},
+        'upsync: invalid SYNC_WEBHOOK_SECRET_FILE="{file}": must be empty when SYNC_WEBHOOK_URL is (nothing to sign)',
+    ),
+    cli(
+        "webhook-secret-missing",
+        "webhook secret file missing",
+        {"SYNC_WEBHOOK_URL": "https://hooks.example.com/upsync", "SYNC_WEBHOOK_SECRET_FILE": "/nonexistent/secret"},
+        'upsync: invalid SYNC_WEBHOOK_SECRET_FILE="/nonexistent/secret": must be an existing file holding the '
+        "webhook secret (mount it there)",
+        behaviour="refused at start (pre-flight)",
+    ),
+    cli(
+        "webhook-secret-empty",
+        "webhook secret file empty",
+        {"SYNC_WEBHOOK_URL": "https://hooks.example.com/upsync", "SYNC_WEBHOOK_SECRET_FILE": "{empty}"},
+        'upsync: invalid SYNC_WEBHOOK_SECRET_FILE="{empty}": must be a file holding the webhook secret (it is empty)',
+    ),
+    cli(
+        "bwlimit-unit",
+        "bandwidth limit with a unit rsync does not take",
+        {"SYNC_BWLIMIT": "10MB/s"},
+        'upsync: invalid SYNC_BWLIMIT="10MB/s": must be a rate for rsync --bwlimit: a number in KiB/s, or with a '
+        "K, M or G suffix (e.g. 20M), 0 for no limit",
+    ),
+    cli(
+        "progress-interval-negative",
+        "negative progress interval",
+        {"SYNC_PROGRESS_INTERVAL_S": "-1"},
+        'upsync: invalid SYNC_PROGRESS_INTERVAL_S="-1": must be a whole number from 0 to 86400 (seconds)',
+    ),
+    Case(
+        "hook-fails",
+        "a hook command that fails",
+        "once",
+        {"SYNC_HOOK_COMMAND": "false"},
+        code=0,
+        message="hook failed",
+        behaviour="the sync succeeds; the failure is logged and counted",
+    ),
+    Case(
+        "webhook-unreachable",
+        "a webhook nobody listens on",
+        "once",
+        {"SYNC_WEBHOOK_URL": "http://127.0.0.1:{dead_port}/hook", "SYNC_SHUTDOWN_GRACE_S": "2"},
+        code=0,
+        message="webhook failed; retrying",
+        behaviour="the sync succeeds; retries end with the shutdown grace",
+    ),
     # ----- at run time, against a real sshd --------------------------------------------------------
     Case(
         "wrong-key",
@@ -850,6 +969,7 @@ def _cli_context(tmp: Path) -> dict[str, str]:
     known.write_text("[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHgUu3q35jEzRS6nU1jPtF6X3gYJtY6x6ZCWLWST4AQ0\n")
     regular = tmp / "a-file"
     regular.write_text("x")
+    (tmp / "empty-file").write_text("")
     bad_env = tmp / "bad.env"
     bad_env.write_bytes(b"SYNC_QUIET_MS=5\nX=\xff\n")
     only_ssh = tmp / "only-ssh"
@@ -868,6 +988,7 @@ def _cli_context(tmp: Path) -> dict[str, str]:
         "key": str(key.private),
         "known_hosts": str(known),
         "file": str(regular),
+        "empty": str(tmp / "empty-file"),
         "bad_env": str(bad_env),
         "only_ssh": str(only_ssh),
     }
