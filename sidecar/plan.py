@@ -38,6 +38,10 @@ from .paths import Blocked, SafeTree
 
 __all__ = ["Plan", "Planner", "SharedPlans", "files_from", "make_plan", "open_for_writing", "parents"]
 
+# rsync handles no name longer than this (MAXPATHLEN, the source directory included); it reports some and
+# silently drops others, so the planner reports them itself and never lists them.
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+
 # Given a SafeTree and a path: True (open for writing), False, or None (cannot tell).
 BusyProbe = Callable[[SafeTree, str], "bool | None"]
 
@@ -172,6 +176,7 @@ class _Pass:
     def __init__(self, planner: Planner, tree: SafeTree) -> None:
         self.p = planner
         self.tree = tree
+        self.room = PATH_MAX - len(os.fsencode(planner.root)) - 2  # bytes left for a name below the root
         self.plan = Plan()
         self.handled: set[str] = set()  # paths sent, retracted, held back or skipped
         self.deleted: set[str] = set()
@@ -236,8 +241,17 @@ class _Pass:
         if not self.p.excludes.excluded(parent, stat.S_ISDIR(st.st_mode)):
             self.leaf(parent, st.st_mode)
 
+    def too_long(self, rel: str) -> bool:
+        if len(os.fsencode(rel)) < self.room:
+            return False
+        self.handled.add(rel)
+        self.plan.skipped.append((rel, "File name too long"))
+        return True
+
     def leaf(self, rel: str, mode: int) -> None:
         if rel in self.handled:
+            return
+        if self.too_long(rel):
             return
         self.handled.add(rel)
         if stat.S_ISREG(mode):
@@ -283,8 +297,8 @@ class _Pass:
         stack = [rel]
         while stack and not self.full():
             current = stack.pop()
-            if current in self.handled:
-                continue
+            if current in self.handled or self.too_long(current):
+                continue  # (too long: what is below it is longer still)
             self.handled.add(current)
             self.plan.send.append(current)
             try:

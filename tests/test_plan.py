@@ -234,3 +234,14 @@ def test_pending_merges_and_bounds() -> None:
     p.merge({"e": ADDED}, 10.0)
     snap = p.take()
     assert snap.full and snap.changes == {} and "SYNC_MAX_PENDING" in snap.full_reason
+
+
+def test_names_past_path_max_are_reported_not_listed(tmp_path: Path) -> None:
+    # rsync drops some of them silently (with ./-prefixed entries); the planner reports them instead.
+    from tests.test_bad_input import DEEP_TOP, _nest
+
+    _nest(tmp_path, 100, 50)
+    p = plan({DEEP_TOP: ADDED}, tmp_path)
+    assert p.send and all(len(os.fsencode(f"{tmp_path}/{s}")) < 4096 for s in p.send)
+    ((first, why),) = p.skipped  # the topmost one only: everything below it is longer still
+    assert why == "File name too long" and len(os.fsencode(f"{tmp_path}/{first}")) >= 4094
