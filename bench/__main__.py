@@ -80,8 +80,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="empty,big",
-        help="comma-separated subset of empty (W1, W2, lsyncd delay=15) and big (W3, W4, W5); for quick iterations",
+        default="empty,big,fanout",
+        help="comma-separated subset of empty (W1, W2, lsyncd delay=15), big (W3, W4, W5) and fanout (W6); "
+        "for quick iterations",
+    )
+    p.add_argument(
+        "--fanout-n",
+        metavar="N,N,...",
+        help="W6 target counts (default 1,4,16,64; quick 1,4); at most 250 (127.0.0.2..127.0.0.251)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
     p.add_argument(
@@ -163,13 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.report_only.read_text())
         _print_report(results)
         if importlib.util.find_spec("matplotlib") is not None:
-            name = "chart-quick.png" if results.get("mode") == "quick" else "chart.png"
-            say(f"wrote {report.chart(results, args.report_only.parent / name)}")
+            for written in _charts(results, args.report_only.parent):
+                say(f"wrote {written}")
         return 0
 
     sizes = QUICK if args.quick else FULL
     if args.samples:
-        sizes = replace(sizes, samples=args.samples)
+        sizes = replace(sizes, samples=args.samples, fan_samples=args.samples)
+    if args.fanout_n:
+        try:
+            ns = tuple(int(x) for x in args.fanout_n.split(",") if x.strip())
+        except ValueError:
+            ns = ()
+        if not ns or not all(1 <= x <= 250 for x in ns):
+            print(f"invalid --fanout-n {args.fanout_n!r}: must be numbers from 1 to 250, e.g. 1,4,16", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, fan_n=ns)
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
     extra_env = dict(kv.split("=", 1) for kv in args.sidecar_env)
     # SIGINT too: a shell may have started us with it ignored (background job), and Ctrl-C must clean up.
@@ -220,12 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     latest, dated = report.write_json(results, args.results)
     say(f"wrote {latest} and {dated}")
     if importlib.util.find_spec("matplotlib") is not None:
-        name = "chart.png" if not args.quick else "chart-quick.png"
-        say(f"wrote {report.chart(results, args.results / name)}")
+        for written in _charts(results, args.results):
+            say(f"wrote {written}")
     else:
         say("matplotlib is missing: no chart")
     say(f"done in {results['duration_s']:.0f} s")
     return 0
+
+
+def _charts(results: dict[str, Any], where: Path) -> list[Path]:
+    """chart.png (W1-W5) and chart-fanout.png (W6), each only if its phases ran; ``-quick`` for a quick run."""
+    from bench import report
+
+    suffix = "-quick" if results.get("mode") == "quick" else ""
+    out = []
+    if results.get("empty") or results.get("big"):
+        out.append(report.chart(results, where / f"chart{suffix}.png"))
+    if results.get("fanout", {}).get("cells"):
+        out.append(report.fanout_chart(results, where / f"chart-fanout{suffix}.png"))
+    return out
 
 
 def _print_report(results: dict[str, Any]) -> None:
@@ -234,7 +262,11 @@ def _print_report(results: dict[str, Any]) -> None:
     print()
     print(report.machine_table(results["machine"]))
     print(f"\ntrees on {results.get('data_dir', '?')}; run took {results.get('duration_s', '?')} s\n")
+    results["targets"] = report.targets(results)  # again: --report-only of an older file gets today's targets
     print(report.table(results))
+    if details := report.fanout_table(results):
+        print()
+        print(details)
     print()
     print(report.targets_table(results))
 
@@ -460,8 +492,31 @@ def _run(
         say(f"  p50 {one['w1']['p50_ms']} ms, max {one['w1']['max_ms']} ms")
 
     # ----- 2. big tree: W3, W4, W5 ---------------------------------------------------------------
-    if "big" not in phases:
-        return
+    if "big" in phases:
+        _big_phase(results, base, ssh, tools, daemons, sizes, logs, args)
+
+    # ----- 3. fan-out: W6 ----------------------------------------------------------------------------
+    if "fanout" in phases:
+        from bench.fanout import run_fanout
+
+        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack)
+
+
+def _big_phase(
+    results: dict[str, Any],
+    base: Path,
+    ssh: Any,
+    tools: dict[str, Any],
+    daemons: list[str],
+    sizes: Any,
+    logs: Path,
+    args: argparse.Namespace,
+) -> None:
+    """W3, W4, W5 on the big tree (built once, copied once, then already in sync for every tool)."""
+    from bench import workloads as w
+    from bench.proc import RssSampler
+
+    n, size = sizes.samples, sizes.file_size
     src = base / "src" / "big"
     dst = ssh.make_target("big")
     say(f"building the big tree: {sizes.big_files:,} files in {sizes.big_dirs:,} directories")

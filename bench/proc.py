@@ -122,24 +122,36 @@ def cpu_seconds(procs: Iterable[Proc]) -> float:
     return sum(p.utime + p.stime + p.cutime + p.cstime for p in procs) / _TICK
 
 
+Pids = int | list[int]
+
+
 class RssSampler(threading.Thread):
     """Samples a tool every ``interval`` s and keeps the peaks.
 
     Args:
-        resident: the tool's long-lived processes by role (``{"python": pid, "ssh master": pid}``).
+        resident: the tool's long-lived processes by role (``{"python": pid, "ssh master": pid}``; a role
+            may hold several processes, e.g. ``{"ssh masters": [pid, ...]}``: their sum is the role's size).
+            Called with the process table of the sample when it accepts one argument (``table=...``).
         roots: the roots of its whole tree (transient rsync/ssh children included below them).
     """
 
     def __init__(
-        self, resident: Callable[[], dict[str, int]], roots: Callable[[], list[int]], interval: float = 0.1
+        self,
+        resident: Callable[..., dict[str, Pids]],
+        roots: Callable[[], list[int]],
+        interval: float = 0.1,
+        with_table: bool = False,
     ) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self._resident = resident
         self._roots = roots
+        self._with_table = with_table  # resident(table): one /proc scan per sample instead of two
         self.interval = interval
         self.peak_resident = 0  # peak of the sum over the long-lived processes
         self.peak_tree = 0  # peak of the whole tree, transient children included
         self.peak_by_role: dict[str, int] = {}
+        self.peak_pss_by_role: dict[str, int] = {}
+        self.peak_count_by_role: dict[str, int] = {}
         self.peak_pss = 0  # peak of the summed PSS of the long-lived processes
         self.peak_anon = 0  # ... and of their anonymous (private, heap) memory
         self.samples = 0
@@ -153,14 +165,20 @@ class RssSampler(threading.Thread):
     def sample(self) -> None:
         table = processes()
         total = total_pss = total_anon = 0
-        for role, pid in self._resident().items():
-            if pid in table:
-                rss = rss_bytes([table[pid]])
-                total += rss
-                self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
+        roles = self._resident(table) if self._with_table else self._resident()
+        for role, pids in roles.items():
+            alive = [p for p in ([pids] if isinstance(pids, int) else pids) if p in table]
+            rss = rss_bytes([table[p] for p in alive])
+            role_pss = 0
+            for pid in alive:
                 pss, anon = pss_bytes(pid)
-                total_pss += pss
+                role_pss += pss
                 total_anon += anon
+            total += rss
+            total_pss += role_pss
+            self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
+            self.peak_pss_by_role[role] = max(self.peak_pss_by_role.get(role, 0), role_pss)
+            self.peak_count_by_role[role] = max(self.peak_count_by_role.get(role, 0), len(alive))
         self.peak_resident = max(self.peak_resident, total)
         self.peak_pss = max(self.peak_pss, total_pss)
         self.peak_anon = max(self.peak_anon, total_anon)
@@ -180,6 +198,8 @@ class RssSampler(threading.Thread):
             "pss_mb": round(self.peak_pss / mb, 1),
             "anon_mb": round(self.peak_anon / mb, 1),
             "by_role_mb": {k: round(v / mb, 1) for k, v in self.peak_by_role.items()},
+            "by_role_pss_mb": {k: round(v / mb, 1) for k, v in self.peak_pss_by_role.items()},
+            "by_role_count": dict(self.peak_count_by_role),
             "samples": self.samples,
         }
 
