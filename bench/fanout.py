@@ -145,6 +145,17 @@ class FanTool:
     def log_tail(self) -> str:
         return ""
 
+    def counters(self) -> dict[str, float]:
+        """The tool's own counts where it has any (the sidecar's /metrics)."""
+        return {}
+
+
+def _delta(after: dict[str, float], before: dict[str, float], n: int) -> dict[str, float]:
+    """Counter differences, and per target (the sidecar runs one rsync per batch per target)."""
+    out = {k: round(after[k] - before.get(k, 0.0), 1) for k in after}
+    out |= {f"{k}_per_target": round(v / n, 1) for k, v in list(out.items())}
+    return out
+
 
 def _ssh_masters(procs: list[Proc], known: dict[int, bool], is_master: Callable[[Proc], bool]) -> list[int]:
     """The ssh masters among ``procs``; each ssh process is classified once (``known`` caches by pid)."""
@@ -224,6 +235,17 @@ class FanSidecar(FanTool):
 
     def log_tail(self) -> str:
         return self.sc.logs()[-4000:] if self.sc is not None else ""
+
+    def counters(self) -> dict[str, float]:
+        """The daemon's own counts, summed over targets: rsync runs by kind, files sent."""
+        if self.sc is None:
+            return {}
+        return {
+            "batches": self.sc.metric("upsync_syncs_total", kind="batch"),
+            "full_syncs": self.sc.metric("upsync_syncs_total", kind="full"),
+            "failed_syncs": self.sc.metric("upsync_syncs_total", status="error"),
+            "files_sent": self.sc.metric("upsync_files_sent_total"),
+        }
 
 
 class FanLsyncd(FanTool):
@@ -620,13 +642,15 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
     try:
         res["startup_s"] = round(tool.start(src, dsts), 2)
         say(f"{tool.label}, N={n}: ready in {res['startup_s']} s; {sizes.fan_samples} single files")
-        c0, r0 = tool.cpu(), fleet.receiver_cpu(n)
+        c0, r0, m0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters()
         single = fan_single(tool, src, dsts, sizes.fan_samples, f"{tool.key}-n{n}", sizes.file_size, sizes.timeout_s)
         wait_idle(tool)
         c1, r1 = tool.cpu(), fleet.receiver_cpu(n)
         done = max(1, single["samples"])
         single["sender_cpu_ms_per_file"] = round(1000 * (c1 - c0) / done, 1)
         single["receiver_cpu_ms_per_file"] = round(1000 * (r1 - r0) / done, 1)
+        if m0:
+            single["counters"] = _delta(tool.counters(), m0, n)
         res["single"] = single
         res["single_check"] = check_targets(tool, src, dsts)
         say(
@@ -637,12 +661,14 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
         )
         files = sizes.fan_burst_files
         say(f"{tool.label}, N={n}: burst of {files:,} x {sizes.fan_burst_size // 1024} KB")
-        c0, r0 = tool.cpu(), fleet.receiver_cpu(n)
+        c0, r0, m0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters()
         burst = fan_burst(tool, src, dsts, files, sizes.fan_burst_dirs, sizes.fan_burst_size, sizes.fan_burst_timeout_s)
         wait_idle(tool, timeout=sizes.fan_burst_timeout_s)
         c1, r1 = tool.cpu(), fleet.receiver_cpu(n)
         burst["sender_cpu_ms_per_file"] = round(1000 * (c1 - c0) / files, 2)
         burst["receiver_cpu_ms_per_file"] = round(1000 * (r1 - r0) / files, 2)
+        if m0:
+            burst["counters"] = _delta(tool.counters(), m0, n)
         res["burst"] = burst
         res["burst_check"] = check_targets(tool, src, dsts)
         sampler.stop()

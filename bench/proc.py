@@ -97,14 +97,15 @@ def rss_bytes(procs: Iterable[Proc]) -> int:
     return sum(p.rss_pages for p in procs) * _PAGE
 
 
-def pss_bytes(pid: int) -> tuple[int, int]:
-    """(PSS, anonymous) bytes of one process from smaps_rollup (0, 0 if it is gone).
+def pss_bytes(pid: int) -> tuple[int, int, int]:
+    """(PSS, anonymous, USS) bytes of one process from smaps_rollup (zeros if it is gone).
 
     RSS counts every shared-library page a process has touched in full, in each process; PSS splits
-    shared pages between their users. That matters for ssh masters: a ControlPersist master is a fork
-    and shows ~4 MB less RSS than an ``ssh -M -N`` one for the same memory.
+    shared pages between their users; USS (private clean + dirty) is what the process alone holds,
+    i.e. what one more such process costs. That matters for ssh masters: a ControlPersist master is a
+    fork and shows ~4 MB less RSS than an ``ssh -M -N`` one for the same memory.
     """
-    pss = anon = 0
+    pss = anon = uss = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as fh:
             for line in fh:
@@ -112,9 +113,11 @@ def pss_bytes(pid: int) -> tuple[int, int]:
                     pss = int(line.split()[1]) * 1024
                 elif line.startswith("Anonymous:"):
                     anon = int(line.split()[1]) * 1024
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    uss += int(line.split()[1]) * 1024
     except OSError:
         pass
-    return pss, anon
+    return pss, anon, uss
 
 
 def cpu_seconds(procs: Iterable[Proc]) -> float:
@@ -151,6 +154,7 @@ class RssSampler(threading.Thread):
         self.peak_tree = 0  # peak of the whole tree, transient children included
         self.peak_by_role: dict[str, int] = {}
         self.peak_pss_by_role: dict[str, int] = {}
+        self.peak_uss_by_role: dict[str, int] = {}
         self.peak_count_by_role: dict[str, int] = {}
         self.peak_pss = 0  # peak of the summed PSS of the long-lived processes
         self.peak_anon = 0  # ... and of their anonymous (private, heap) memory
@@ -169,15 +173,17 @@ class RssSampler(threading.Thread):
         for role, pids in roles.items():
             alive = [p for p in ([pids] if isinstance(pids, int) else pids) if p in table]
             rss = rss_bytes([table[p] for p in alive])
-            role_pss = 0
+            role_pss = role_uss = 0
             for pid in alive:
-                pss, anon = pss_bytes(pid)
+                pss, anon, uss = pss_bytes(pid)
                 role_pss += pss
+                role_uss += uss
                 total_anon += anon
             total += rss
             total_pss += role_pss
             self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
             self.peak_pss_by_role[role] = max(self.peak_pss_by_role.get(role, 0), role_pss)
+            self.peak_uss_by_role[role] = max(self.peak_uss_by_role.get(role, 0), role_uss)
             self.peak_count_by_role[role] = max(self.peak_count_by_role.get(role, 0), len(alive))
         self.peak_resident = max(self.peak_resident, total)
         self.peak_pss = max(self.peak_pss, total_pss)
@@ -199,6 +205,7 @@ class RssSampler(threading.Thread):
             "anon_mb": round(self.peak_anon / mb, 1),
             "by_role_mb": {k: round(v / mb, 1) for k, v in self.peak_by_role.items()},
             "by_role_pss_mb": {k: round(v / mb, 1) for k, v in self.peak_pss_by_role.items()},
+            "by_role_uss_mb": {k: round(v / mb, 1) for k, v in self.peak_uss_by_role.items()},
             "by_role_count": dict(self.peak_count_by_role),
             "samples": self.samples,
         }

@@ -231,9 +231,21 @@ def _fan_detail_rows(r: dict[str, Any]) -> list[Row]:
             (f"{w} burst: N plain rsyncs at once (floor) s", _cell(n, "burst", "rsync_s"), 2, False),
             (f"{w} burst sender CPU per file ms", _cell(n, "burst", "sender_cpu_ms_per_file"), 2, False),
             (f"{w} burst receiver CPU per file ms", _cell(n, "burst", "receiver_cpu_ms_per_file"), 2, False),
+            (
+                f"{w} burst: rsync runs per target (sidecar)",
+                _cell(n, "burst", "counters", "batches_per_target"),
+                1,
+                False,
+            ),
             (f"{w} ssh masters (peak count)", _cell(n, "rss", "by_role_count", "ssh masters"), 0, False),
             (f"{w} RSS per ssh master MB", lambda r, t, n=n: _per_master(r, t, n), 2, False),
             (f"{w} PSS per ssh master MB", lambda r, t, n=n: _per_master(r, t, n, "by_role_pss_mb"), 2, False),
+            (
+                f"{w} USS (private) per ssh master MB",
+                lambda r, t, n=n: _per_master(r, t, n, "by_role_uss_mb"),
+                2,
+                False,
+            ),
             (f"{w} peak PSS daemon + ssh masters MB", _cell(n, "rss", "pss_mb"), 1, False),
             (f"{w} error", lambda r, t, n=n: (_cell(n, "error")(r, t) or None) and "see JSON", 0, False),
         ]
