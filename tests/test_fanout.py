@@ -121,6 +121,7 @@ def test_blackholed_node_does_not_delay_the_others(
     base = [deliver(source, fleet, f"lat/base-{i}.bin") for i in range(SAMPLES)]
 
     netns.blackhole(dead.address)
+    print(f"[fanout] {dead.address} blackholed at {time.strftime('%H:%M:%S')}")
     hung = [deliver(source, alive, f"lat/hung-{i}.bin") for i in range(SAMPLES)]  # its transfer hangs
     assert not (dead.root / "lat/hung-0.bin").exists(), "the blackhole let a file through"
     t_drop = time.monotonic()
