@@ -39,6 +39,8 @@ _T0 = time.monotonic()
 
 # Tools measured on the single-file workload only (slow, or context for the lsyncd anchor).
 W1_ONLY = ("lsyncd_d15", "lsyncd_nomux")
+# ... and in W6 only.
+FANOUT_ONLY = ("floor_k",)
 
 
 def say(msg: str) -> None:
@@ -68,8 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, help="single-file samples per tool and tree (default 30, quick 6)")
     p.add_argument(
         "--tools",
-        default="floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
-        help="comma-separated subset of floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
+        default="floor,floor_k,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
+        help="comma-separated subset of floor,floor_k,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop "
+        "(floor_k: W6 only, the floor with at most as many rsyncs at once as there are cores)",
     )
     p.add_argument(
         "--sidecar-env",
@@ -88,6 +91,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--fanout-n",
         metavar="N,N,...",
         help="W6 target counts (default 1,4,16,64; quick 1,4); at most 250 (127.0.0.2..127.0.0.251)",
+    )
+    p.add_argument(
+        "--fanout-burst",
+        type=int,
+        metavar="FILES",
+        help="files in W6's burst (default 10,000; quick 1,000)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
     p.add_argument(
@@ -185,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"invalid --fanout-n {args.fanout_n!r}: must be numbers from 1 to 250, e.g. 1,4,16", file=sys.stderr)
             return 2
         sizes = replace(sizes, fan_n=ns)
+    if args.fanout_burst is not None:
+        if args.fanout_burst < 1:
+            print(f"invalid --fanout-burst {args.fanout_burst}: must be at least 1", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, fan_burst_files=args.fanout_burst)
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
     extra_env = dict(kv.split("=", 1) for kv in args.sidecar_env)
     # SIGINT too: a shell may have started us with it ignored (background job), and Ctrl-C must clean up.
@@ -423,7 +437,7 @@ def _run(
             return FloorTool(ssh, workdir)
         raise SystemExit(f"unknown tool {key!r}")
 
-    tools = {k: make(k, base / "work" / k) for k in wanted}
+    tools = {k: make(k, base / "work" / k) for k in wanted if k not in FANOUT_ONLY}
     results["tools"] = {k: {"label": t.label, **t.describe()} for k, t in tools.items()}
     results["empty"], results["big"] = {}, {}
     n, size = sizes.samples, sizes.file_size
@@ -432,7 +446,7 @@ def _run(
 
     # ----- 1. empty tree: W1, W2 ------------------------------------------------------------------
     phases = {p.strip() for p in args.phases.split(",")}
-    daemons = [k for k in wanted if k not in W1_ONLY]
+    daemons = [k for k in wanted if k not in W1_ONLY and k not in FANOUT_ONLY]
     for key in daemons if "empty" in phases else []:
         tool = tools[key]
         src, dst = base / "src" / f"{key}-empty", ssh.make_target(f"{key}-empty")

@@ -144,11 +144,16 @@ class RssSampler(threading.Thread):
         roots: Callable[[], list[int]],
         interval: float = 0.1,
         with_table: bool = False,
+        tree_pss: bool = False,
     ) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self._resident = resident
         self._roots = roots
         self._with_table = with_table  # resident(table): one /proc scan per sample instead of two
+        # Also the PSS of the whole tree (rsync children included): RSS counts the pages 64 rsyncs share
+        # (binary, libraries) 64 times. One smaps_rollup read per process and sample: W6 only.
+        self._tree_pss = tree_pss
+        self.peak_tree_pss = 0
         self.interval = interval
         self.peak_resident = 0  # peak of the sum over the long-lived processes
         self.peak_tree = 0  # peak of the whole tree, transient children included
@@ -188,7 +193,10 @@ class RssSampler(threading.Thread):
         self.peak_resident = max(self.peak_resident, total)
         self.peak_pss = max(self.peak_pss, total_pss)
         self.peak_anon = max(self.peak_anon, total_anon)
-        self.peak_tree = max(self.peak_tree, rss_bytes(descendants(self._roots(), table)))
+        tree = descendants(self._roots(), table)
+        self.peak_tree = max(self.peak_tree, rss_bytes(tree))
+        if self._tree_pss:
+            self.peak_tree_pss = max(self.peak_tree_pss, sum(pss_bytes(p.pid)[0] for p in tree))
         self.samples += 1
 
     def stop(self) -> None:
@@ -201,6 +209,7 @@ class RssSampler(threading.Thread):
         return {
             "resident_mb": round(self.peak_resident / mb, 1),
             "tree_mb": round(self.peak_tree / mb, 1),
+            **({"tree_pss_mb": round(self.peak_tree_pss / mb, 1)} if self._tree_pss else {}),
             "pss_mb": round(self.peak_pss / mb, 1),
             "anon_mb": round(self.peak_anon / mb, 1),
             "by_role_mb": {k: round(v / mb, 1) for k, v in self.peak_by_role.items()},
