@@ -98,6 +98,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILES",
         help="files in W6's burst (default 10,000; quick 1,000)",
     )
+    p.add_argument(
+        "--fanout-floor-k",
+        type=int,
+        metavar="K",
+        help="W6's bounded floor (floor_k) runs at most K rsyncs at once (default: the number of cores)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
     p.add_argument(
         "--tmpdir",
@@ -199,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"invalid --fanout-burst {args.fanout_burst}: must be at least 1", file=sys.stderr)
             return 2
         sizes = replace(sizes, fan_burst_files=args.fanout_burst)
+    if args.fanout_floor_k is not None and args.fanout_floor_k < 1:
+        print(f"invalid --fanout-floor-k {args.fanout_floor_k}: must be at least 1", file=sys.stderr)
+        return 2
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
     extra_env = dict(kv.split("=", 1) for kv in args.sidecar_env)
     # SIGINT too: a shell may have started us with it ignored (background job), and Ctrl-C must clean up.
@@ -513,7 +522,7 @@ def _run(
     if "fanout" in phases:
         from bench.fanout import run_fanout
 
-        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack)
+        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack, args.fanout_floor_k)
 
 
 def _big_phase(

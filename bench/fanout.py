@@ -137,6 +137,9 @@ class FanTool:
     def busy(self) -> bool:
         return any(p.comm == "rsync" for p in descendants(self.roots()))
 
+    def before_write(self, rels: list[str]) -> None:
+        """Called before the workload writes ``rels`` (outside the timed window; only the floor arms)."""
+
     def after_write(self, rels: list[str]) -> None:
         pass
 
@@ -372,6 +375,8 @@ class FanFloor(FanTool):
         self._sockets: list[Path] = []
         self._rsyncs: list[subprocess.Popen[bytes]] = []
         self._workers: list[threading.Thread] = []
+        self._armed: list[subprocess.Popen[bytes]] = []
+        self._lists = 0
         self._cell = 0
 
     def describe(self) -> dict[str, object]:
@@ -405,10 +410,10 @@ class FanFloor(FanTool):
         return time.perf_counter() - t0
 
     @staticmethod
-    def _launch(cmd: list[str], stdin: bytes | None) -> subprocess.Popen[bytes]:
+    def _launch(cmd: list[str], stdin: bytes | None, stdin_pipe: bool = False) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin is not None or stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -442,20 +447,70 @@ class FanFloor(FanTool):
         for t in self._workers:
             t.start()
 
+    def _arm(self, args: Callable[[int], list[str]]) -> None:
+        """N ``sh`` processes, each waiting for one line on stdin before it execs its rsync.
+
+        Started before the write, so "at once" means at once: launching 64 processes one by one from
+        this (single-threaded) benchmark takes 0.2 s on an idle machine and seconds on a busy one, as
+        each Popen waits for its child's exec; releasing 64 armed processes is 64 pipe writes.
+        """
+        self.finish()
+        self._armed = [
+            self._launch(
+                ["sh", "-c", 'read -r _ && exec "$@"', "sh", "rsync", "-e", " ".join(self._rsh(i)), *args(i)],
+                None,
+                stdin_pipe=True,
+            )
+            for i in range(len(self.dsts))
+        ]
+
+    def _fire(self) -> None:
+        for proc in self._armed:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        self._rsyncs, self._armed = self._armed, []
+
+    def before_write(self, rels: list[str]) -> None:
+        if self.parallel is not None:
+            return
+        assert self.src is not None
+        self._lists += 1
+        listing = self.workdir / f"list-{self._lists}"
+        listing.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in rels))
+        opts = [f"--files-from={listing}" if o == "--files-from=-" else o for o in FLOOR_RSYNC]
+        self._arm(lambda i: [*opts, f"{self.src}/", self.fleet.dest(i, self.dsts[i])])
+
     def after_write(self, rels: list[str]) -> None:
         assert self.src is not None
+        if self.parallel is None:
+            self._fire()
+            return
         listing = b"".join(os.fsencode(r) + b"\0" for r in rels)
         self._start_all(lambda i: [*FLOOR_RSYNC, f"{self.src}/", self.fleet.dest(i, self.dsts[i])], listing)
 
+    def before_burst(self, rel: str) -> None:
+        assert self.src is not None
+        if self.parallel is None:
+            self._arm(lambda i: ["-a", f"{self.src / rel}", self.fleet.dest(i, self.dsts[i])])
+
     def copy_dir(self, rel: str) -> float:
-        """The burst's floor: N plain ``rsync -a`` of ``src/rel`` at once; wall time until all exited."""
+        """The burst's floor: N plain ``rsync -a`` of ``src/rel`` (armed before the burst, released now; or
+        at most ``parallel`` at a time); wall time until all exited."""
         assert self.src is not None
         t0 = time.perf_counter()
-        self._start_all(lambda i: ["-a", f"{self.src / rel}", self.fleet.dest(i, self.dsts[i])])
+        if self.parallel is None:
+            self._fire()
+        else:
+            self._start_all(lambda i: ["-a", f"{self.src / rel}", self.fleet.dest(i, self.dsts[i])])
         self.finish()
         return time.perf_counter() - t0
 
     def finish(self) -> None:
+        for proc in self._armed:  # armed but never released (an interrupted workload)
+            proc.kill()
+            proc.wait()
+        self._armed = []
         for t in self._workers:
             t.join()
         self._workers = []
@@ -528,6 +583,7 @@ def fan_single(
         rel = f"lat/{tag}-{i:03d}.bin"
         data = os.urandom(size)
         waiting = dict(enumerate(dsts))
+        tool.before_write([rel])
         t0 = time.perf_counter()
         with open(src / rel, "wb") as fh:
             fh.write(data)
@@ -588,6 +644,8 @@ def fan_burst(
     for d, name in layout:
         expected.setdefault(d, set()).add(name)
 
+    if isinstance(tool, FanFloor):
+        tool.before_burst("burst")
     t0 = time.perf_counter()
     (src / "burst").mkdir()
     for d in expected:
@@ -730,7 +788,7 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
     return res
 
 
-def make_tool(key: str, fleet: Fleet, workdir: Path, extra_env: dict[str, str]) -> FanTool:
+def make_tool(key: str, fleet: Fleet, workdir: Path, extra_env: dict[str, str], floor_k: int | None = None) -> FanTool:
     if key == "sidecar":
         return FanSidecar(fleet, workdir, extra_env)
     if key == "lsyncd":
@@ -738,7 +796,7 @@ def make_tool(key: str, fleet: Fleet, workdir: Path, extra_env: dict[str, str]) 
     if key == "floor":
         return FanFloor(fleet, workdir)
     if key == "floor_k":
-        return FanFloor(fleet, workdir, parallel=os.cpu_count() or 2)
+        return FanFloor(fleet, workdir, parallel=floor_k or os.cpu_count() or 2)
     raise ValueError(key)
 
 
@@ -752,6 +810,7 @@ def run_fanout(
     logs: Path,
     say: Callable[[str], None],
     stack: contextlib.ExitStack,
+    floor_k: int | None = None,
 ) -> None:
     """W6 for every N in ``sizes.fan_n`` and every wanted system of ``FAN_TOOLS``, N by N (the systems of
     one N run one after the other, close in time). A cell that fails or times out is recorded as such
@@ -763,7 +822,7 @@ def run_fanout(
     say(f"W6 fan-out: starting {max(ns)} nodes (one sshd each on 127.0.0.2..127.0.0.{max(ns) + 1})")
     fleet = Fleet(ssh, base / "fleet", max(ns))
     stack.callback(fleet.stop)
-    tools = {k: make_tool(k, fleet, base / "work" / f"fan-{k}", extra_env) for k in keys}
+    tools = {k: make_tool(k, fleet, base / "work" / f"fan-{k}", extra_env, floor_k) for k in keys}
     out: dict[str, Any] = {
         "n": ns,
         "nodes": f"one sshd per loopback address, port {fleet.port}, plain /bin/sh account, a target directory each",
