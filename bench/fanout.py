@@ -147,6 +147,15 @@ class FanTool:
         """user+system seconds of the sending side so far (reaped children included)."""
         return cpu_seconds(descendants(self.roots()))
 
+    def daemon_pid(self) -> int | None:
+        """The daemon process itself (its own CPU: planning, threads; not its rsync children)."""
+        return None
+
+    def own_cpu(self) -> float | None:
+        pid = self.daemon_pid()
+        p = processes().get(pid) if pid is not None else None
+        return (p.utime + p.stime) / os.sysconf("SC_CLK_TCK") if p is not None else None
+
     def log_tail(self) -> str:
         return ""
 
@@ -230,6 +239,9 @@ class FanSidecar(FanTool):
 
     def roots(self) -> list[int]:
         return [self.sc.proc.pid] if self.sc is not None and self.sc.proc is not None else []
+
+    def daemon_pid(self) -> int | None:
+        return self.sc.proc.pid if self.sc is not None and self.sc.proc is not None else None
 
     def resident(self, table: dict[int, Proc]) -> dict[str, list[int]]:
         roots = self.roots()
@@ -334,6 +346,9 @@ class FanLsyncd(FanTool):
 
     def roots(self) -> list[int]:
         return ([self.proc.pid] if self.proc is not None else []) + self._masters
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def resident(self, table: dict[int, Proc]) -> dict[str, list[int]]:
         if self.proc is None:
@@ -734,13 +749,15 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
     try:
         res["startup_s"] = round(tool.start(src, dsts), 2)
         say(f"{tool.label}, N={n}: ready in {res['startup_s']} s; {sizes.fan_samples} single files")
-        c0, r0, m0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters()
+        c0, r0, m0, o0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters(), tool.own_cpu()
         single = fan_single(tool, src, dsts, sizes.fan_samples, f"{tool.key}-n{n}", sizes.file_size, sizes.timeout_s)
         wait_idle(tool)
         c1, r1 = tool.cpu(), fleet.receiver_cpu(n)
         done = max(1, single["samples"])
         single["sender_cpu_ms_per_file"] = round(1000 * (c1 - c0) / done, 1)
         single["receiver_cpu_ms_per_file"] = round(1000 * (r1 - r0) / done, 1)
+        if o0 is not None and (o1 := tool.own_cpu()) is not None:
+            single["daemon_cpu_ms_per_file"] = round(1000 * (o1 - o0) / done, 1)
         if m0:
             single["counters"] = _delta(tool.counters(), m0, n)
         res["single"] = single
@@ -753,7 +770,7 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
         )
         files = sizes.fan_burst_files
         say(f"{tool.label}, N={n}: burst of {files:,} x {sizes.fan_burst_size // 1024} KB")
-        c0, r0, m0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters()
+        c0, r0, m0, o0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters(), tool.own_cpu()
         burst = fan_burst(tool, src, dsts, files, sizes.fan_burst_dirs, sizes.fan_burst_size, sizes.fan_burst_timeout_s)
         res["burst"] = burst
         if burst["missing_at_timeout"]:
@@ -767,6 +784,8 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
         c1, r1 = tool.cpu(), fleet.receiver_cpu(n)
         burst["sender_cpu_ms_per_file"] = round(1000 * (c1 - c0) / files, 2)
         burst["receiver_cpu_ms_per_file"] = round(1000 * (r1 - r0) / files, 2)
+        if o0 is not None and (o1 := tool.own_cpu()) is not None:
+            burst["daemon_cpu_ms_per_file"] = round(1000 * (o1 - o0) / files, 2)
         if m0:
             burst["counters"] = _delta(tool.counters(), m0, n)
         res["burst_check"] = check_targets(tool, src, dsts)

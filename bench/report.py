@@ -247,10 +247,17 @@ def _fan_detail_rows(r: dict[str, Any]) -> list[Row]:
             (f"{w} to all targets max ms", _cell(n, "single", "all", "max_ms"), 1, False),
             (f"{w} slowest / fastest target (per-target p50)", _cell(n, "single", "target_p50_spread"), 2, False),
             (f"{w} receiver CPU per single file ms", _cell(n, "single", "receiver_cpu_ms_per_file"), 1, False),
+            (f"{w} of the sending CPU: the daemon itself ms", _cell(n, "single", "daemon_cpu_ms_per_file"), 1, False),
             (f"{w} burst: writing took s", _cell(n, "burst", "write_s"), 2, False),
             (f"{w} burst: N plain rsyncs at once (floor) s", _cell(n, "burst", "rsync_s"), 2, False),
             (f"{w} burst sender CPU per file ms", _cell(n, "burst", "sender_cpu_ms_per_file"), 2, False),
             (f"{w} burst receiver CPU per file ms", _cell(n, "burst", "receiver_cpu_ms_per_file"), 2, False),
+            (
+                f"{w} burst: of the sending CPU, the daemon itself ms",
+                _cell(n, "burst", "daemon_cpu_ms_per_file"),
+                2,
+                False,
+            ),
             (
                 f"{w} burst: rsync runs per target (sidecar)",
                 _cell(n, "burst", "counters", "batches_per_target"),

@@ -125,7 +125,7 @@ def test_blackholed_node_does_not_delay_the_others(
     hung = [deliver(source, alive, f"lat/hung-{i}.bin") for i in range(SAMPLES)]  # its transfer hangs
     assert not (dead.root / "lat/hung-0.bin").exists(), "the blackhole let a file through"
     t_drop = time.monotonic()
-    wait_until(lambda: target_state(sidecar, dead_name) == "failing", 30, "the dead node to be reported failing")
+    wait_until(lambda: target_state(sidecar, dead_name) == "failing", 45, "the dead node to be reported failing")
     noticed = time.monotonic() - t_drop
 
     # Its retries are its own: the healthy targets run no sync while it fails again.
