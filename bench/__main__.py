@@ -104,6 +104,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="K",
         help="W6's bounded floor (floor_k) runs at most K rsyncs at once (default: the number of cores)",
     )
+    p.add_argument(
+        "--no-autogroup",
+        action="store_true",
+        help="turn the kernel's autogroup scheduling off for the run (kernel.sched_autogroup_enabled=0, "
+        "restored at the end): with it on, CPU is shared per session first, and how a tool spreads its "
+        "rsyncs over sessions decides its share (W6). Changes scheduling machine-wide while the run lasts",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
     p.add_argument(
         "--tmpdir",
@@ -148,6 +155,26 @@ def _default_tmpdir() -> Path:
         if st.f_bavail * st.f_frsize > 4 << 30:
             return shm
     return Path(tempfile.gettempdir())
+
+
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def _autogroup() -> str:
+    try:
+        return AUTOGROUP.read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def _autogroup_off(stack: contextlib.ExitStack) -> None:
+    """kernel.sched_autogroup_enabled=0 for the run; the old value is written back when the stack closes."""
+    old = _autogroup()
+    if old in ("0", "n/a"):
+        return
+    AUTOGROUP.write_text("0\n")
+    stack.callback(AUTOGROUP.write_text, old + "\n")
+    say("autogroup scheduling off for the run (kernel.sched_autogroup_enabled 1 -> 0, restored at the end)")
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -239,10 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     tmpdir = args.tmpdir or _default_tmpdir()
     results["data_dir"] = f"{tmpdir} ({_fs_type(tmpdir)})"
     say(f"trees live under {results['data_dir']}")
+    if "fanout" in args.phases and not args.no_autogroup and _autogroup() == "1":
+        say(
+            "NOTE: autogroup scheduling is on: CPU goes to sessions first, and the sidecar starts each rsync in "
+            "a session of its own while lsyncd's share one; for W6 numbers to quote, run with --no-autogroup"
+        )
     base = Path(tempfile.mkdtemp(prefix="upsync-bench-", dir=tmpdir))
     base.chmod(0o755)  # the target account must reach the sshd's target directory inside
     try:
         with contextlib.ExitStack() as stack:
+            if args.no_autogroup:
+                _autogroup_off(stack)
+            results["machine"]["sched_autogroup_during_run"] = _autogroup()
             stack.callback(shutil.rmtree, base, True)
             stack.callback(_kill_leftovers, base)
             _run(results, base, sizes, wanted, extra_env, args, stack)

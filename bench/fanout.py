@@ -426,11 +426,15 @@ class FanFloor(FanTool):
 
     @staticmethod
     def _launch(cmd: list[str], stdin: bytes | None, stdin_pipe: bool = False) -> subprocess.Popen[bytes]:
+        # A session of its own for each rsync, as the sidecar starts its rsyncs (sidecar/rsync.py): with
+        # the kernel's autogroup on, CPU is shared between sessions first, and 64 rsyncs in the
+        # benchmark's one session would get the share of one.
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE if stdin is not None or stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         if stdin is not None:
             assert proc.stdin is not None

@@ -512,7 +512,7 @@ def targets_table(r: dict[str, Any]) -> str:
 
 def machine_table(m: dict[str, Any]) -> str:
     keys = ["date", "cpu", "cores", "memory_gb", "kernel", "os", "python", "rsync", "ssh", "lsyncd", "inotifywait"]
-    keys += ["sidecar_commit", "fs_inotify_max_queued_events"]
+    keys += ["sidecar_commit", "fs_inotify_max_queued_events", "sched_autogroup_during_run"]
     body = [[k, str(m.get(k, ""))] for k in keys]
     for k in ("background_before", "during_run", "background_after"):
         if isinstance(v := m.get(k), dict):
