@@ -39,6 +39,8 @@ _T0 = time.monotonic()
 
 # Tools measured on the single-file workload only (slow, or context for the lsyncd anchor).
 W1_ONLY = ("lsyncd_d15", "lsyncd_nomux")
+# ... and in W6 only.
+FANOUT_ONLY = ("floor_k",)
 
 
 def say(msg: str) -> None:
@@ -68,8 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, help="single-file samples per tool and tree (default 30, quick 6)")
     p.add_argument(
         "--tools",
-        default="floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
-        help="comma-separated subset of floor,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
+        default="floor,floor_k,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop",
+        help="comma-separated subset of floor,floor_k,sidecar,lsyncd,lsyncd_d15,lsyncd_nomux,loop "
+        "(floor_k: W6 only, the floor with at most as many rsyncs at once as there are cores)",
     )
     p.add_argument(
         "--sidecar-env",
@@ -80,8 +83,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="empty,big",
-        help="comma-separated subset of empty (W1, W2, lsyncd delay=15) and big (W3, W4, W5); for quick iterations",
+        default="empty,big,fanout",
+        help="comma-separated subset of empty (W1, W2, lsyncd delay=15), big (W3, W4, W5) and fanout (W6); "
+        "for quick iterations",
+    )
+    p.add_argument(
+        "--fanout-n",
+        metavar="N,N,...",
+        help="W6 target counts (default 1,4,16,64; quick 1,4); at most 250 (127.0.0.2..127.0.0.251)",
+    )
+    p.add_argument(
+        "--fanout-burst",
+        type=int,
+        metavar="FILES",
+        help="files in W6's burst (default 10,000; quick 1,000)",
+    )
+    p.add_argument(
+        "--fanout-floor-k",
+        type=int,
+        metavar="K",
+        help="W6's bounded floor (floor_k) runs at most K rsyncs at once (default: the number of cores)",
+    )
+    p.add_argument(
+        "--no-autogroup",
+        action="store_true",
+        help="turn the kernel's autogroup scheduling off for the run (kernel.sched_autogroup_enabled=0, "
+        "restored at the end): with it on, CPU is shared per session first, and how a tool spreads its "
+        "rsyncs over sessions decides its share (W6). Changes scheduling machine-wide while the run lasts",
     )
     p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
     p.add_argument(
@@ -129,6 +157,26 @@ def _default_tmpdir() -> Path:
     return Path(tempfile.gettempdir())
 
 
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def _autogroup() -> str:
+    try:
+        return AUTOGROUP.read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def _autogroup_off(stack: contextlib.ExitStack) -> None:
+    """kernel.sched_autogroup_enabled=0 for the run; the old value is written back when the stack closes."""
+    old = _autogroup()
+    if old in ("0", "n/a"):
+        return
+    AUTOGROUP.write_text("0\n")
+    stack.callback(AUTOGROUP.write_text, old + "\n")
+    say("autogroup scheduling off for the run (kernel.sched_autogroup_enabled 1 -> 0, restored at the end)")
+
+
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -163,13 +211,30 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.report_only.read_text())
         _print_report(results)
         if importlib.util.find_spec("matplotlib") is not None:
-            name = "chart-quick.png" if results.get("mode") == "quick" else "chart.png"
-            say(f"wrote {report.chart(results, args.report_only.parent / name)}")
+            for written in _charts(results, args.report_only.parent):
+                say(f"wrote {written}")
         return 0
 
     sizes = QUICK if args.quick else FULL
     if args.samples:
-        sizes = replace(sizes, samples=args.samples)
+        sizes = replace(sizes, samples=args.samples, fan_samples=args.samples)
+    if args.fanout_n:
+        try:
+            ns = tuple(int(x) for x in args.fanout_n.split(",") if x.strip())
+        except ValueError:
+            ns = ()
+        if not ns or not all(1 <= x <= 250 for x in ns):
+            print(f"invalid --fanout-n {args.fanout_n!r}: must be numbers from 1 to 250, e.g. 1,4,16", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, fan_n=ns)
+    if args.fanout_burst is not None:
+        if args.fanout_burst < 1:
+            print(f"invalid --fanout-burst {args.fanout_burst}: must be at least 1", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, fan_burst_files=args.fanout_burst)
+    if args.fanout_floor_k is not None and args.fanout_floor_k < 1:
+        print(f"invalid --fanout-floor-k {args.fanout_floor_k}: must be at least 1", file=sys.stderr)
+        return 2
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
     extra_env = dict(kv.split("=", 1) for kv in args.sidecar_env)
     # SIGINT too: a shell may have started us with it ignored (background job), and Ctrl-C must clean up.
@@ -201,10 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     tmpdir = args.tmpdir or _default_tmpdir()
     results["data_dir"] = f"{tmpdir} ({_fs_type(tmpdir)})"
     say(f"trees live under {results['data_dir']}")
+    if "fanout" in args.phases and not args.no_autogroup and _autogroup() == "1":
+        say(
+            "NOTE: autogroup scheduling is on: CPU goes to sessions first, and the sidecar starts each rsync in "
+            "a session of its own while lsyncd's share one; for W6 numbers to quote, run with --no-autogroup"
+        )
     base = Path(tempfile.mkdtemp(prefix="upsync-bench-", dir=tmpdir))
     base.chmod(0o755)  # the target account must reach the sshd's target directory inside
     try:
         with contextlib.ExitStack() as stack:
+            if args.no_autogroup:
+                _autogroup_off(stack)
+            results["machine"]["sched_autogroup_during_run"] = _autogroup()
             stack.callback(shutil.rmtree, base, True)
             stack.callback(_kill_leftovers, base)
             _run(results, base, sizes, wanted, extra_env, args, stack)
@@ -220,12 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     latest, dated = report.write_json(results, args.results)
     say(f"wrote {latest} and {dated}")
     if importlib.util.find_spec("matplotlib") is not None:
-        name = "chart.png" if not args.quick else "chart-quick.png"
-        say(f"wrote {report.chart(results, args.results / name)}")
+        for written in _charts(results, args.results):
+            say(f"wrote {written}")
     else:
         say("matplotlib is missing: no chart")
     say(f"done in {results['duration_s']:.0f} s")
     return 0
+
+
+def _charts(results: dict[str, Any], where: Path) -> list[Path]:
+    """chart.png (W1-W5) and chart-fanout.png (W6), each only if its phases ran; ``-quick`` for a quick run."""
+    from bench import report
+
+    suffix = "-quick" if results.get("mode") == "quick" else ""
+    out = []
+    if results.get("empty") or results.get("big"):
+        out.append(report.chart(results, where / f"chart{suffix}.png"))
+    if results.get("fanout", {}).get("cells"):
+        out.append(report.fanout_chart(results, where / f"chart-fanout{suffix}.png"))
+    return out
 
 
 def _print_report(results: dict[str, Any]) -> None:
@@ -234,7 +320,11 @@ def _print_report(results: dict[str, Any]) -> None:
     print()
     print(report.machine_table(results["machine"]))
     print(f"\ntrees on {results.get('data_dir', '?')}; run took {results.get('duration_s', '?')} s\n")
+    results["targets"] = report.targets(results)  # again: --report-only of an older file gets today's targets
     print(report.table(results))
+    if details := report.fanout_table(results):
+        print()
+        print(details)
     print()
     print(report.targets_table(results))
 
@@ -391,7 +481,7 @@ def _run(
             return FloorTool(ssh, workdir)
         raise SystemExit(f"unknown tool {key!r}")
 
-    tools = {k: make(k, base / "work" / k) for k in wanted}
+    tools = {k: make(k, base / "work" / k) for k in wanted if k not in FANOUT_ONLY}
     results["tools"] = {k: {"label": t.label, **t.describe()} for k, t in tools.items()}
     results["empty"], results["big"] = {}, {}
     n, size = sizes.samples, sizes.file_size
@@ -400,7 +490,7 @@ def _run(
 
     # ----- 1. empty tree: W1, W2 ------------------------------------------------------------------
     phases = {p.strip() for p in args.phases.split(",")}
-    daemons = [k for k in wanted if k not in W1_ONLY]
+    daemons = [k for k in wanted if k not in W1_ONLY and k not in FANOUT_ONLY]
     for key in daemons if "empty" in phases else []:
         tool = tools[key]
         src, dst = base / "src" / f"{key}-empty", ssh.make_target(f"{key}-empty")
@@ -460,8 +550,31 @@ def _run(
         say(f"  p50 {one['w1']['p50_ms']} ms, max {one['w1']['max_ms']} ms")
 
     # ----- 2. big tree: W3, W4, W5 ---------------------------------------------------------------
-    if "big" not in phases:
-        return
+    if "big" in phases:
+        _big_phase(results, base, ssh, tools, daemons, sizes, logs, args)
+
+    # ----- 3. fan-out: W6 ----------------------------------------------------------------------------
+    if "fanout" in phases:
+        from bench.fanout import run_fanout
+
+        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack, args.fanout_floor_k)
+
+
+def _big_phase(
+    results: dict[str, Any],
+    base: Path,
+    ssh: Any,
+    tools: dict[str, Any],
+    daemons: list[str],
+    sizes: Any,
+    logs: Path,
+    args: argparse.Namespace,
+) -> None:
+    """W3, W4, W5 on the big tree (built once, copied once, then already in sync for every tool)."""
+    from bench import workloads as w
+    from bench.proc import RssSampler
+
+    n, size = sizes.samples, sizes.file_size
     src = base / "src" / "big"
     dst = ssh.make_target("big")
     say(f"building the big tree: {sizes.big_files:,} files in {sizes.big_dirs:,} directories")

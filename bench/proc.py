@@ -97,14 +97,15 @@ def rss_bytes(procs: Iterable[Proc]) -> int:
     return sum(p.rss_pages for p in procs) * _PAGE
 
 
-def pss_bytes(pid: int) -> tuple[int, int]:
-    """(PSS, anonymous) bytes of one process from smaps_rollup (0, 0 if it is gone).
+def pss_bytes(pid: int) -> tuple[int, int, int]:
+    """(PSS, anonymous, USS) bytes of one process from smaps_rollup (zeros if it is gone).
 
     RSS counts every shared-library page a process has touched in full, in each process; PSS splits
-    shared pages between their users. That matters for ssh masters: a ControlPersist master is a fork
-    and shows ~4 MB less RSS than an ``ssh -M -N`` one for the same memory.
+    shared pages between their users; USS (private clean + dirty) is what the process alone holds,
+    i.e. what one more such process costs. That matters for ssh masters: a ControlPersist master is a
+    fork and shows ~4 MB less RSS than an ``ssh -M -N`` one for the same memory.
     """
-    pss = anon = 0
+    pss = anon = uss = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as fh:
             for line in fh:
@@ -112,9 +113,11 @@ def pss_bytes(pid: int) -> tuple[int, int]:
                     pss = int(line.split()[1]) * 1024
                 elif line.startswith("Anonymous:"):
                     anon = int(line.split()[1]) * 1024
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    uss += int(line.split()[1]) * 1024
     except OSError:
         pass
-    return pss, anon
+    return pss, anon, uss
 
 
 def cpu_seconds(procs: Iterable[Proc]) -> float:
@@ -122,24 +125,42 @@ def cpu_seconds(procs: Iterable[Proc]) -> float:
     return sum(p.utime + p.stime + p.cutime + p.cstime for p in procs) / _TICK
 
 
+Pids = int | list[int]
+
+
 class RssSampler(threading.Thread):
     """Samples a tool every ``interval`` s and keeps the peaks.
 
     Args:
-        resident: the tool's long-lived processes by role (``{"python": pid, "ssh master": pid}``).
+        resident: the tool's long-lived processes by role (``{"python": pid, "ssh master": pid}``; a role
+            may hold several processes, e.g. ``{"ssh masters": [pid, ...]}``: their sum is the role's size).
+            Called with the process table of the sample when it accepts one argument (``table=...``).
         roots: the roots of its whole tree (transient rsync/ssh children included below them).
     """
 
     def __init__(
-        self, resident: Callable[[], dict[str, int]], roots: Callable[[], list[int]], interval: float = 0.1
+        self,
+        resident: Callable[..., dict[str, Pids]],
+        roots: Callable[[], list[int]],
+        interval: float = 0.1,
+        with_table: bool = False,
+        tree_pss: bool = False,
     ) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self._resident = resident
         self._roots = roots
+        self._with_table = with_table  # resident(table): one /proc scan per sample instead of two
+        # Also the PSS of the whole tree (rsync children included): RSS counts the pages 64 rsyncs share
+        # (binary, libraries) 64 times. One smaps_rollup read per process and sample: W6 only.
+        self._tree_pss = tree_pss
+        self.peak_tree_pss = 0
         self.interval = interval
         self.peak_resident = 0  # peak of the sum over the long-lived processes
         self.peak_tree = 0  # peak of the whole tree, transient children included
         self.peak_by_role: dict[str, int] = {}
+        self.peak_pss_by_role: dict[str, int] = {}
+        self.peak_uss_by_role: dict[str, int] = {}
+        self.peak_count_by_role: dict[str, int] = {}
         self.peak_pss = 0  # peak of the summed PSS of the long-lived processes
         self.peak_anon = 0  # ... and of their anonymous (private, heap) memory
         self.samples = 0
@@ -153,18 +174,29 @@ class RssSampler(threading.Thread):
     def sample(self) -> None:
         table = processes()
         total = total_pss = total_anon = 0
-        for role, pid in self._resident().items():
-            if pid in table:
-                rss = rss_bytes([table[pid]])
-                total += rss
-                self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
-                pss, anon = pss_bytes(pid)
-                total_pss += pss
+        roles = self._resident(table) if self._with_table else self._resident()
+        for role, pids in roles.items():
+            alive = [p for p in ([pids] if isinstance(pids, int) else pids) if p in table]
+            rss = rss_bytes([table[p] for p in alive])
+            role_pss = role_uss = 0
+            for pid in alive:
+                pss, anon, uss = pss_bytes(pid)
+                role_pss += pss
+                role_uss += uss
                 total_anon += anon
+            total += rss
+            total_pss += role_pss
+            self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
+            self.peak_pss_by_role[role] = max(self.peak_pss_by_role.get(role, 0), role_pss)
+            self.peak_uss_by_role[role] = max(self.peak_uss_by_role.get(role, 0), role_uss)
+            self.peak_count_by_role[role] = max(self.peak_count_by_role.get(role, 0), len(alive))
         self.peak_resident = max(self.peak_resident, total)
         self.peak_pss = max(self.peak_pss, total_pss)
         self.peak_anon = max(self.peak_anon, total_anon)
-        self.peak_tree = max(self.peak_tree, rss_bytes(descendants(self._roots(), table)))
+        tree = descendants(self._roots(), table)
+        self.peak_tree = max(self.peak_tree, rss_bytes(tree))
+        if self._tree_pss:
+            self.peak_tree_pss = max(self.peak_tree_pss, sum(pss_bytes(p.pid)[0] for p in tree))
         self.samples += 1
 
     def stop(self) -> None:
@@ -177,9 +209,13 @@ class RssSampler(threading.Thread):
         return {
             "resident_mb": round(self.peak_resident / mb, 1),
             "tree_mb": round(self.peak_tree / mb, 1),
+            **({"tree_pss_mb": round(self.peak_tree_pss / mb, 1)} if self._tree_pss else {}),
             "pss_mb": round(self.peak_pss / mb, 1),
             "anon_mb": round(self.peak_anon / mb, 1),
             "by_role_mb": {k: round(v / mb, 1) for k, v in self.peak_by_role.items()},
+            "by_role_pss_mb": {k: round(v / mb, 1) for k, v in self.peak_pss_by_role.items()},
+            "by_role_uss_mb": {k: round(v / mb, 1) for k, v in self.peak_uss_by_role.items()},
+            "by_role_count": dict(self.peak_count_by_role),
             "samples": self.samples,
         }
 

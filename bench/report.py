@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chart", "machine_info", "table", "targets", "write_json"]
+__all__ = ["chart", "fanout_chart", "fanout_table", "machine_info", "table", "targets", "write_json"]
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ["sidecar", "lsyncd", "lsyncd_d15", "lsyncd_nomux", "loop", "floor"]
+ORDER = ["sidecar", "lsyncd", "lsyncd_d15", "lsyncd_nomux", "loop", "floor", "floor_k"]
 W1_ONLY = ("lsyncd_d15", "lsyncd_nomux")  # measured on the single-file workload only
 LABELS = {
     "sidecar": "sidecar",
@@ -26,6 +26,7 @@ LABELS = {
     "lsyncd_nomux": "lsyncd d=0 no mux",
     "loop": "full-tree loop",
     "floor": "floor",
+    "floor_k": "floor, k at once",  # W6: at most as many rsyncs at once as the machine has cores
 }
 
 
@@ -125,6 +126,8 @@ def _checks(r: dict[str, Any], t: str) -> str | None:
                 parts.append(c)
     if t in W1_ONLY and (c := _get(r, "w1_only", t, "check") or _get(r, "lsyncd_default", "check")) is not None:
         parts.append(c)
+    for cell in (_get(r, "fanout", "cells", t) or {}).values():
+        parts += [cell[k] for k in ("single_check", "burst_check") if k in cell]
     if not parts:
         return None
     bad = [c for c in parts if not c.get("ok")]
@@ -169,8 +172,118 @@ def rows(r: dict[str, Any]) -> list[Row]:
         ("W4 peak RSS incl. rsync children MB", lambda r, t: _get(r, "big", t, "rss", "tree_mb"), 1, False),
         (f"first full sync, {big} tree s", lambda r, t: _get(r, "big", t, "startup_s"), 1, False),
         (f"W5 idle CPU over {idle}, CPU s", lambda r, t: _get(r, "big", t, "idle", "cpu_s"), 3, False),
+        *_fan_rows(r),
         ("tree checks", _checks, 0, False),
     ]
+
+
+def _cell(n: int, *path: str) -> Callable[[dict[str, Any], str], Any]:
+    """Getter of one W6 value of system ``t`` at N = ``n``."""
+    return lambda r, t: _get(r, "fanout", "cells", t, str(n), *path)
+
+
+def _fan_ns(r: dict[str, Any]) -> list[int]:
+    return list(_get(r, "fanout", "n") or [])
+
+
+def _fan_rows(r: dict[str, Any]) -> list[Row]:
+    """W6 in the main table: per N, latency to all / first, burst, CPU, memory."""
+    sz = r.get("sizes", {})
+    size = f"{sz.get('file_size', 0) // 1024} KB"
+    burst = f"{sz.get('fan_burst_files', 0):,} x {sz.get('fan_burst_size', 0) // 1024} KB"
+    out: list[Row] = []
+    for n in _fan_ns(r):
+        w = f"W6 N={n}:"
+        out += [
+            (f"{w} single {size} to all targets p50 ms", _cell(n, "single", "all", "p50_ms"), 1, True),
+            (f"{w} to all targets p95 ms", _cell(n, "single", "all", "p95_ms"), 1, True),
+            (f"{w} to the first target p50 ms", _cell(n, "single", "first", "p50_ms"), 1, False),
+            (f"{w} burst {burst} to all targets s", _burst_s(n), 2, True),
+            (f"{w} sender CPU per single file ms", _cell(n, "single", "sender_cpu_ms_per_file"), 1, True),
+            (f"{w} peak RSS daemon + ssh masters MB", _cell(n, "rss", "resident_mb"), 1, False),
+            (f"{w} peak RSS daemon alone MB", _cell(n, "rss", "by_role_mb", "daemon"), 1, False),
+            (f"{w} peak RSS incl. rsync children MB", _cell(n, "rss", "tree_mb"), 1, False),
+        ]
+    return out
+
+
+def _cpu_bound(r: dict[str, Any], t: str, n: int) -> float | None:
+    """The least wall time a single file to all N can take on this machine with the CPU the tool spent:
+    sending plus receiving CPU per file spread over every core (everything runs on the same cores here)."""
+    s = _num(_get(r, "fanout", "cells", t, str(n), "single", "sender_cpu_ms_per_file"))
+    c = _num(_get(r, "fanout", "cells", t, str(n), "single", "receiver_cpu_ms_per_file"))
+    cores = _num(_get(r, "machine", "cores")) or 1
+    return round((s + c) / cores, 1) if s is not None and c is not None else None
+
+
+def _burst_s(n: int) -> Callable[[dict[str, Any], str], Any]:
+    """The burst's seconds, or "> T (timeout)" when some files had not arrived after T seconds."""
+
+    def get(r: dict[str, Any], t: str) -> Any:
+        b = _get(r, "fanout", "cells", t, str(n), "burst") or {}
+        return f"> {b.get('timeout_s', 0):g} (timeout)" if b.get("timed_out") else b.get("seconds")
+
+    return get
+
+
+def _per_master(r: dict[str, Any], t: str, n: int, kind: str = "by_role_mb") -> float | None:
+    total = _num(_get(r, "fanout", "cells", t, str(n), "rss", kind, "ssh masters"))
+    count = _num(_get(r, "fanout", "cells", t, str(n), "rss", "by_role_count", "ssh masters"))
+    return round(total / count, 2) if total is not None and count else None
+
+
+def _fan_detail_rows(r: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    for n in _fan_ns(r):
+        w = f"W6 N={n}:"
+        out += [
+            (f"{w} first sync to every target s", _cell(n, "startup_s"), 2, False),
+            (
+                f"{w} single-file samples (lost)",
+                lambda r, t, n=n: _samples(_cell(n, "single", "samples")(r, t), _cell(n, "single", "lost")(r, t)),
+                0,
+                False,
+            ),
+            (f"{w} to all targets max ms", _cell(n, "single", "all", "max_ms"), 1, False),
+            (f"{w} slowest / fastest target (per-target p50)", _cell(n, "single", "target_p50_spread"), 2, False),
+            (f"{w} receiver CPU per single file ms", _cell(n, "single", "receiver_cpu_ms_per_file"), 1, False),
+            (f"{w} of the sending CPU: the daemon itself ms", _cell(n, "single", "daemon_cpu_ms_per_file"), 1, False),
+            (f"{w} burst: writing took s", _cell(n, "burst", "write_s"), 2, False),
+            (f"{w} burst: N plain rsyncs at once (floor) s", _cell(n, "burst", "rsync_s"), 2, False),
+            (f"{w} burst sender CPU per file ms", _cell(n, "burst", "sender_cpu_ms_per_file"), 2, False),
+            (f"{w} burst receiver CPU per file ms", _cell(n, "burst", "receiver_cpu_ms_per_file"), 2, False),
+            (
+                f"{w} burst: of the sending CPU, the daemon itself ms",
+                _cell(n, "burst", "daemon_cpu_ms_per_file"),
+                2,
+                False,
+            ),
+            (
+                f"{w} burst: rsync runs per target (sidecar)",
+                _cell(n, "burst", "counters", "batches_per_target"),
+                1,
+                False,
+            ),
+            (f"{w} ssh masters (peak count)", _cell(n, "rss", "by_role_count", "ssh masters"), 0, False),
+            (f"{w} RSS per ssh master MB", lambda r, t, n=n: _per_master(r, t, n), 2, False),
+            (f"{w} PSS per ssh master MB", lambda r, t, n=n: _per_master(r, t, n, "by_role_pss_mb"), 2, False),
+            (
+                f"{w} USS (private) per ssh master MB",
+                lambda r, t, n=n: _per_master(r, t, n, "by_role_uss_mb"),
+                2,
+                False,
+            ),
+            (f"{w} peak PSS daemon + ssh masters MB", _cell(n, "rss", "pss_mb"), 1, False),
+            (f"{w} peak PSS incl. rsync children MB", _cell(n, "rss", "tree_pss_mb"), 1, False),
+            (
+                f"{w} CPU-bound minimum (sender + receiver CPU / cores) ms",
+                lambda r, t, n=n: _cpu_bound(r, t, n),
+                1,
+                False,
+            ),
+            (f"{w} error", lambda r, t, n=n: (_cell(n, "error")(r, t) or None) and "see JSON", 0, False),
+        ]
+    return out
 
 
 def _samples(n: Any, lost: Any) -> str | None:
@@ -185,7 +298,7 @@ def _growth(r: dict[str, Any], t: str) -> float | None:
 
 
 def _tools(r: dict[str, Any]) -> list[str]:
-    present = set(r.get("tools", {}))
+    present = set(r.get("tools", {})) | set(_get(r, "fanout", "cells") or {})
     return [t for t in ORDER if t in present]
 
 
@@ -199,14 +312,21 @@ def _render(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _body(r: dict[str, Any], tools: list[str], rows_: list[Row]) -> list[list[str]]:
+    """Formatted rows; rows no system has a value for (phases not run) are left out."""
+    body = []
+    for label, get, digits, _ in rows_:
+        cells = [_fmt(get(r, t), digits) for t in tools]
+        if any(c != "-" for c in cells):
+            body.append([label, *cells])
+    return body
+
+
 def table(r: dict[str, Any]) -> str:
     """Markdown tables: the values, then the ratios to lsyncd (delay=0) and to the floor."""
     tools = _tools(r)
     header = ["metric", *[LABELS[t] for t in tools]]
-    body = []
-    for label, get, digits, _ in rows(r):
-        body.append([label, *[_fmt(get(r, t), digits) for t in tools]])
-    out = [_render(header, body)]
+    out = [_render(header, _body(r, tools, rows(r)))]
     for ref in ("lsyncd", "floor"):
         if ref not in tools:
             continue
@@ -219,10 +339,29 @@ def table(r: dict[str, Any]) -> str:
             for t in tools:
                 v = _num(get(r, t))
                 cells.append(f"{v / base:.2f}x" if v is not None and base else "-")
-            rbody.append([label.replace(": p50 ms", " p50").replace(" ms", "").replace(": s", ""), *cells])
-        out.append(f"\nRatio to {LABELS[ref]} (value / {LABELS[ref]}; < 1 is faster):\n")
-        out.append(_render(["metric", *[LABELS[t] for t in tools]], rbody))
+            if any(c != "-" for c in cells):
+                rbody.append([_ratio_label(label), *cells])
+        if rbody:
+            out.append(f"\nRatio to {LABELS[ref]} (value / {LABELS[ref]}; < 1 is faster):\n")
+            out.append(_render(["metric", *[LABELS[t] for t in tools]], rbody))
     return "\n".join(out)
+
+
+def _ratio_label(label: str) -> str:
+    """The row's name without its unit ("W1 ...: p50 ms" -> "W1 ... p50")."""
+    if label.endswith(": p50 ms"):
+        return label[: -len(": p50 ms")] + " p50"
+    for suffix in (" ms", ": s", " s"):
+        if label.endswith(suffix):
+            return label[: -len(suffix)]
+    return label
+
+
+def fanout_table(r: dict[str, Any]) -> str:
+    """W6 details: start-up, fairness between targets, receiver CPU, burst CPU, memory per ssh master."""
+    tools = [t for t in _tools(r) if _get(r, "fanout", "cells", t)]
+    body = _body(r, tools, _fan_detail_rows(r))
+    return _render(["W6 details", *[LABELS[t] for t in tools]], body) if body else ""
 
 
 # ----- targets -------------------------------------------------------------------------------------
@@ -294,19 +433,86 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         f" = {_fmt(idle.get('pct_of_core'), 2)} %",
         cmp(idle.get("pct_of_core"), IDLE_CPU_LIMIT_PCT),
     )
+    _fan_targets(r, add, ratio)
     checks = _checks(r, "sidecar")
     add("trees equal after every workload", checks or "-", None if checks is None else checks.startswith("ok"))
     return out
 
 
+FAN_FLOOR_FACTOR = 1.15  # all-targets p50 <= 1.15x the floor's
+FAN_BURST_FACTOR = 0.6  # burst <= 0.6x lsyncd's
+FAN_DAEMON_MB = 40.0  # the daemon's own RSS <= 40 MB + 1 MB per target
+FAN_DAEMON_MB_PER_TARGET = 1.0
+
+
+def _fan_targets(
+    r: dict[str, Any],
+    add: Callable[[str, str, bool | None], None],
+    ratio: Callable[[Any, Any], float | None],
+) -> None:
+    """Issue 12's targets at N = 16 and 64 (a quick run: at its largest N, for the harness only)."""
+    measured = [n for n in _fan_ns(r) if _get(r, "fanout", "cells", "sidecar", str(n), "single")]
+    ns = [n for n in (16, 64) if n in measured] or measured[-1:]
+
+    def at(t: str, n: int, *path: str) -> Any:
+        return _get(r, "fanout", "cells", t, str(n), *path)
+
+    def le(a: Any, b: Any, factor: float = 1.0) -> tuple[str, bool | None]:
+        x = ratio(a, b)
+        digits = 2 if (_num(a) or 0) < 10 else 1
+        return f"{_fmt(a, digits)} / {_fmt(b, digits)} = {_fmt(x, 2)}x", None if x is None else x <= factor
+
+    for n in ns:
+        w = f"W6 N={n}:"
+        p50 = at("sidecar", n, "single", "all", "p50_ms")
+        add(
+            f"{w} to-all p50 <= {FAN_FLOOR_FACTOR}x floor",
+            *le(p50, at("floor", n, "single", "all", "p50_ms"), FAN_FLOOR_FACTOR),
+        )
+        add(f"{w} to-all p50 <= lsyncd's", *le(p50, at("lsyncd", n, "single", "all", "p50_ms")))
+        burst = at("sidecar", n, "burst", "seconds")
+        lsyncd_burst = at("lsyncd", n, "burst")
+        if lsyncd_burst and lsyncd_burst.get("timed_out") and _num(burst) is not None:
+            # lsyncd took longer than the timeout: the timeout is a lower bound of its time.
+            bound = lsyncd_burst["timeout_s"]
+            ok = burst <= FAN_BURST_FACTOR * bound
+            add(f"{w} burst <= {FAN_BURST_FACTOR}x lsyncd's", f"{_fmt(burst, 2)} / > {bound:g} (timeout)", ok or None)
+        else:
+            add(
+                f"{w} burst <= {FAN_BURST_FACTOR}x lsyncd's",
+                *le(burst, at("lsyncd", n, "burst", "seconds"), FAN_BURST_FACTOR),
+            )
+        for what, path in (("single file", ("single",)), ("burst file", ("burst",))):
+            cpu = at("sidecar", n, *path, "sender_cpu_ms_per_file")
+            add(f"{w} sender CPU per {what} <= lsyncd's", *le(cpu, at("lsyncd", n, *path, "sender_cpu_ms_per_file")))
+        tree_mb = at("sidecar", n, "rss", "tree_mb")
+        add(f"{w} peak RSS incl. rsync children <= lsyncd's", *le(tree_mb, at("lsyncd", n, "rss", "tree_mb")))
+        tree_pss = at("sidecar", n, "rss", "tree_pss_mb")
+        add(f"{w} same in PSS (shared pages split; info)", le(tree_pss, at("lsyncd", n, "rss", "tree_pss_mb"))[0], None)
+        own = _num(at("sidecar", n, "rss", "by_role_mb", "daemon"))
+        limit = FAN_DAEMON_MB + FAN_DAEMON_MB_PER_TARGET * n
+        add(
+            f"{w} daemon alone <= {limit:g} MB (40 + 1/target)",
+            f"{_fmt(own)} MB",
+            None if own is None else own <= limit,
+        )
+        spread = at("sidecar", n, "single", "target_p50_spread")
+        add(f"{w} slowest / fastest target p50 (info)", f"{_fmt(spread, 2)}x", None)
+
+
 def targets_table(r: dict[str, Any]) -> str:
-    rows_ = [[t["target"], t["measured"], t["verdict"]] for t in r.get("targets", [])]
+    # Targets of phases that did not run (nothing measured) are left out.
+    rows_ = [
+        [t["target"], t["measured"], t["verdict"]]
+        for t in r.get("targets", [])
+        if t["verdict"] != "n/a" or re.search(r"\d", re.sub(r"\bp\d+\b", "", t["measured"]))
+    ]
     return _render(["sidecar target", "measured", "verdict"], rows_)
 
 
 def machine_table(m: dict[str, Any]) -> str:
     keys = ["date", "cpu", "cores", "memory_gb", "kernel", "os", "python", "rsync", "ssh", "lsyncd", "inotifywait"]
-    keys += ["sidecar_commit", "fs_inotify_max_queued_events"]
+    keys += ["sidecar_commit", "fs_inotify_max_queued_events", "sched_autogroup_during_run"]
     body = [[k, str(m.get(k, ""))] for k in keys]
     for k in ("background_before", "during_run", "background_after"):
         if isinstance(v := m.get(k), dict):
@@ -427,6 +633,86 @@ def chart(r: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("% of one core")
     ax.set_title(f"idle CPU over {sz.get('idle_s', 0):g} s, nothing changing (big tree)")
     ax.grid(axis="y", alpha=0.3)
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fanout_chart(r: dict[str, Any], path: Path) -> Path:
+    """W6 against N, each system a line: latency to all targets, burst, resident memory, CPU per file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = _fan_ns(r)
+    tools = [t for t in ("sidecar", "lsyncd", "floor", "floor_k") if _get(r, "fanout", "cells", t)]
+    colors = {"sidecar": "#1f77b4", "lsyncd": "#ff7f0e", "floor": "#7f7f7f", "floor_k": "#2ca02c"}
+    sz = r.get("sizes", {})
+    m = r.get("machine", {})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig.suptitle(
+        f"upsync W6 fan-out ({r.get('mode')}) - {m.get('cpu', '')}, {m.get('cores')} cores, "
+        f"{m.get('date', '')[:10]}; one loopback sshd per target (127.0.0.x)",
+        fontsize=11,
+    )
+
+    def line(ax: Any, t: str, path: tuple[str, ...], style: str = "-", label: str | None = None) -> None:
+        pts = [(n, _num(_get(r, "fanout", "cells", t, str(n), *path))) for n in ns]
+        pts = [(n, v) for n, v in pts if v is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[t], label=label or LABELS[t])
+
+    def axis(ax: Any, title: str, ylabel: str, log_y: bool = True) -> None:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("targets N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+
+    ax = axes[0][0]
+    for t in tools:
+        line(ax, t, ("single", "all", "p50_ms"))
+        line(ax, t, ("single", "all", "p95_ms"), ":", f"{LABELS[t]} p95")
+    axis(ax, f"single {sz.get('file_size', 0) // 1024} KB file: until complete on all N targets (p50, p95)", "ms")
+
+    ax = axes[0][1]
+    for t in tools:
+        line(ax, t, ("burst", "seconds"))
+    axis(
+        ax,
+        f"burst of {sz.get('fan_burst_files', 0):,} x {sz.get('fan_burst_size', 0) // 1024} KB: until all N hold all",
+        "seconds from the first write",
+    )
+
+    ax = axes[1][0]
+    for t in tools:
+        if t == "floor_k":
+            continue  # the same masters as the floor
+        what = "its ssh masters" if t == "floor" else "daemon + ssh masters"
+        line(ax, t, ("rss", "resident_mb"), "-", f"{LABELS[t]}: {what}")
+        line(ax, t, ("rss", "tree_mb"), "--", f"{LABELS[t]}: incl. rsync children")
+        if t != "floor":
+            line(ax, t, ("rss", "by_role_mb", "daemon"), ":", f"{LABELS[t]}: daemon alone")
+    axis(ax, "peak resident memory (RSS)", "MB")
+
+    ax = axes[1][1]
+    for t in tools:
+        line(ax, t, ("single", "sender_cpu_ms_per_file"), "-", f"{LABELS[t]}: per single file")
+        line(ax, t, ("burst", "sender_cpu_ms_per_file"), "--", f"{LABELS[t]}: per burst file")
+    axis(ax, "sending side CPU per file written (all N targets)", "CPU ms")
 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

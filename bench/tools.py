@@ -74,12 +74,12 @@ class SshSetup:
         self.server.start()
         self.start_master()
 
-    def options(self, control_path: Path) -> dict[str, str]:
+    def options(self, control_path: Path, known_hosts: Path | None = None) -> dict[str, str]:
         """``-o`` options for lsyncd, the loop and the floor (lsyncd takes them as a table)."""
         return {
             "IdentitiesOnly": "yes",
             "IdentityAgent": "none",
-            "UserKnownHostsFile": str(self.known_hosts),
+            "UserKnownHostsFile": str(known_hosts or self.known_hosts),
             "GlobalKnownHostsFile": "/dev/null",
             "StrictHostKeyChecking": "yes",
             "BatchMode": "yes",

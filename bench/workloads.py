@@ -54,10 +54,20 @@ class Sizes:
     big_dirs: int
     idle_s: float
     timeout_s: float  # per single-file sample
+    # W6 fan-out. Burst files are 4 KB, not 16: 64 targets x 10,000 files live on tmpfs at once.
+    fan_n: tuple[int, ...] = (1, 4, 16, 64)
+    fan_samples: int = 30
+    fan_burst_files: int = 10_000
+    fan_burst_dirs: int = 50
+    fan_burst_size: int = 4 * 1024
+    fan_burst_timeout_s: float = 900.0
 
 
 FULL = Sizes(30, 3, 64 * 1024, 10_000, 50, 16 * 1024, 100_000, 10_000, 30.0, 60.0)
-QUICK = Sizes(6, 1, 64 * 1024, 1_000, 10, 16 * 1024, 10_000, 1_000, 5.0, 40.0)
+QUICK = Sizes(
+    6, 1, 64 * 1024, 1_000, 10, 16 * 1024, 10_000, 1_000, 5.0, 40.0,
+    fan_n=(1, 4), fan_samples=5, fan_burst_files=1_000, fan_burst_dirs=10, fan_burst_timeout_s=180.0,
+)  # fmt: skip
 
 
 def percentile(values: list[float], q: float) -> float:
