@@ -249,6 +249,15 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(target)
+        # Series with more labels than the target: every value they can take (a fixed set), so the series of
+        # web nodes that come and go do not pile up in /metrics.
+        for kind in ("batch", "full"):
+            for status in ("success", "error"):
+                with contextlib.suppress(KeyError):
+                    self.syncs.remove(target, kind, status)
+        for reason in REASONS:
+            with contextlib.suppress(KeyError):
+                self.failures.remove(target, reason)
         for hook in HOOKS:
             for counter in (self.hook_merged, self.hook_everything):
                 with contextlib.suppress(KeyError):

@@ -54,8 +54,11 @@ from sidecar.rsync import MISSING_ARGS, RULES, Rsync, classify, parse_stats, rec
     ],
 )
 def test_classify(code: int, stderr: str, kind: str, reason: str) -> None:
+    from sidecar.metrics import REASONS
+
     outcome = classify(code, stderr)
     assert (outcome.kind, outcome.reason) == (kind, reason)
+    assert outcome.reason in (*REASONS, "")  # the fixed set of the reason label (and of Metrics.forget)
     assert "\n" not in outcome.message
 
 
