@@ -116,8 +116,11 @@ def test_inotify_queue_overflow(source: Path, sshd: SshServer, start_synced, rec
     # so the scenario holds whatever guess the daemon makes.
 
 
+# Not strict: when the machine is loaded and the writes keep the daemon stopped for longer than the watcher's
+# stall check (3.1 s), that check asks for a full sync and the target converges (XPASS, seen in CI). That is
+# the stall check doing its job, not the overflow being detected.
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="an overflow of a stalled reader is not detected (watchfiles drops the kernel's notice, the daemon "
     "guesses from batch sizes; 2,000 write+chmod uploads deliver 103 paths): only the periodic reconcile "
     "(default 1 h) repairs the target",
