@@ -15,7 +15,7 @@ RUN set -eux; \
             > /etc/apt/sources.list.d/bookworm-updates.list; \
     fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends python3 python3-venv; \
+    apt-get install -y --no-install-recommends python3 python3-venv gcc libc6-dev; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/*
 
@@ -34,6 +34,10 @@ RUN set -eux; \
     rm -rf /opt/upsync/bin/activate* /opt/upsync/bin/Activate.ps1; \
     /opt/upsync/bin/python -c 'import sidecar, watchfiles, tenacity, dotenv, prometheus_client'; \
     find /opt/upsync -name __pycache__ -prune -exec rm -rf {} +
+# The sandbox's exec helper (sidecar/sandbox.py says why), beside the venv's python where the daemon looks.
+RUN set -eux; \
+    gcc -O2 -Wall -Wextra -Werror -o /opt/upsync/bin/upsync-landlock /src/sidecar/upsync-landlock.c; \
+    strip /opt/upsync/bin/upsync-landlock
 
 # ---- runtime --------------------------------------------------------------------------------------
 FROM debian:bookworm-slim

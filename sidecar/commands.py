@@ -119,8 +119,8 @@ def _plan_target(cfg: Config, runtime: Runtime, target: Target, root: str, exclu
         sandbox = None  # plan reads like a full sync; SYNC_SANDBOX=required is enforced by the daemon
     link = runtime.link(cfg, target)
     try:
-        preexec = sandbox.preexec if sandbox else None
-        rsync = Rsync(root, target.rsync_dest(), link.rsync_shell(), cfg.chmod, excludes, cfg.io_timeout_s, preexec)
+        confine = sandbox.confinement if sandbox else None
+        rsync = Rsync(root, target.rsync_dest(), link.rsync_shell(), cfg.chmod, excludes, cfg.io_timeout_s, confine)
         scan = scan_tree(root, excludes)
         stats, sent, deleted = Transport(target, link, rsync, runtime.dir).preview_full(scan)
     finally:

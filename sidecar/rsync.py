@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .filters import Excludes
+from .sandbox import Confinement
 
 __all__ = [
     "MISSING_ARGS",
@@ -363,7 +364,8 @@ class Rsync:
         chmod: ``--chmod`` rules ('' keeps the source's modes).
         excludes: ``SYNC_EXCLUDE``.
         io_timeout: ``--timeout`` seconds.
-        preexec: gives the function each rsync child runs before exec (the sandbox's), or None.
+        confine: gives how each rsync child is started in the sender's sandbox (``SourceSandbox.confinement``),
+            or None.
         slots: bounds runs across targets, or None.
         bwlimit: ``SYNC_BWLIMIT`` ("0": none).
         resume: ``SYNC_RESUME``: full syncs keep and reuse partial files.
@@ -378,7 +380,7 @@ class Rsync:
         chmod: str,
         excludes: Excludes,
         io_timeout: int,
-        preexec: Callable[[], Callable[[], None]] | None = None,
+        confine: Callable[[], Confinement] | None = None,
         slots: Slots | None = None,
         bwlimit: str = "0",
         resume: bool = False,
@@ -399,7 +401,7 @@ class Rsync:
         if bwlimit != "0":
             common.append(f"--bwlimit={bwlimit}")
         self._common = common
-        self.preexec = preexec
+        self.confine = confine
         self.slots = slots
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -487,7 +489,7 @@ class Rsync:
         returns True when it consumed the line (the rest, the stats, is the result's stdout)."""
         start = time.monotonic()
         env = dict(os.environ, LC_ALL="C")
-        preexec = self.preexec() if sandboxed and self.preexec else None
+        confinement = self.confine() if sandboxed and self.confine else Confinement()
         release = self.slots.acquire() if self.slots else (lambda: None)
         try:
             with self._lock:
@@ -495,13 +497,14 @@ class Rsync:
                     return Result(20, "", "aborted: shutting down", 0.0)
                 # Own session: a terminal's Ctrl-C must not kill the transfer we flush on shutdown.
                 proc = subprocess.Popen(
-                    args,
+                    confinement.argv(args),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=preexec,  # only two system calls in the child: see sidecar.sandbox
+                    pass_fds=confinement.pass_fds,
+                    preexec_fn=confinement.preexec_fn,  # None with the helper, so Python can vfork: sidecar.sandbox
                 )
                 self._proc = proc
             # After hold_s the run is waiting on the network, not the CPU: its slot goes to another target.

@@ -41,6 +41,20 @@ fi
 .venv/bin/python -c 'import sidecar, watchfiles, tenacity, dotenv, prometheus_client, pytest' \
   || { log "the venv is incomplete; see pip's output above"; exit 1; }
 
+# The sandbox's exec helper (sidecar/upsync-landlock.c; sidecar/sandbox.py says why), beside the venv's python
+# where the daemon looks for it, as the image has it. Rebuilt when the source changes.
+if [ ! -x .venv/bin/upsync-landlock ] || [ sidecar/upsync-landlock.c -nt .venv/bin/upsync-landlock ]; then
+  if ! command -v cc >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then log "no C compiler for the sandbox helper: install gcc and libc6-dev (needs root)"; exit 1; fi
+    log "installing gcc libc6-dev (the sandbox's exec helper)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev; } >/tmp/upsync-apt.log 2>&1 \
+      || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+  fi
+  log "building .venv/bin/upsync-landlock"
+  cc -O2 -Wall -Wextra -Werror -o .venv/bin/upsync-landlock sidecar/upsync-landlock.c
+fi
+
 # The manifest and Dockerfile checks (tests/test_manifests.py): kubernetes-validate and checkov, in a venv of
 # their own (checkov pins many packages), remade only when requirements-checks.lock changes.
 if ! cmp -s requirements-checks.lock .venv-checks/installed.lock 2>/dev/null; then

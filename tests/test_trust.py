@@ -10,6 +10,8 @@ import ctypes
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from sidecar.filters import Excludes
 from sidecar.rsync import Rsync
-from sidecar.sandbox import SourceSandbox, abi_version
+from sidecar.sandbox import HELPER, SourceSandbox, abi_version, find_helper
 from tests.helpers import Sidecar, assert_converges, tree, wait_until
 from tests.sshd import SshServer
 
@@ -84,9 +86,21 @@ def test_a_file_held_back_while_written_is_never_read_through_a_swapped_parent(
     assert_no_secret(sshd.root)
 
 
+def _helper(start: str) -> str | None:
+    """The sandbox's way to start a child: through the exec helper (as the image and tests/run.sh install it)
+    or, without it, a preexec_fn."""
+    if start == "preexec":
+        return None
+    helper = find_helper()
+    if helper is None:
+        pytest.fail(f"{HELPER} is not built beside {sys.executable}: run `bash tests/run.sh` once (it compiles it)")
+    return helper
+
+
 @needs_landlock
+@pytest.mark.parametrize("start", ["helper", "preexec"])
 def test_the_sandboxed_sender_cannot_read_through_a_symlinked_parent(
-    source: Path, sshd: SshServer, workdir: Path, client_key
+    source: Path, sshd: SshServer, workdir: Path, client_key, start: str
 ) -> None:
     # The bound on the race between planning and rsync: even handed a path through a symlinked parent (as
     # it would be if the swap happened after planning), the sender cannot read outside the source.
@@ -102,10 +116,10 @@ def test_the_sandboxed_sender_cannot_read_through_a_symlinked_parent(
     config = write_ssh_config(runtime, client_key.private, sshd.known_hosts, "strict", 10)
     target = parse_target(sshd.url)
     link = SshLink(target, config, runtime / "c.sock", 10, sshd.known_hosts, client_key.private)
-    sandbox = SourceSandbox(str(source), [config])
+    sandbox = SourceSandbox(str(source), [config], helper=_helper(start))
     try:
         link.ensure()
-        rsync = Rsync(str(source), target.rsync_dest(), link.rsync_shell(), "", Excludes(()), 30, sandbox.preexec)
+        rsync = Rsync(str(source), target.rsync_dest(), link.rsync_shell(), "", Excludes(()), 30, sandbox.confinement)
         result = rsync.run(rsync.send_args(), b"d/id_ed25519\0ok/f.txt\0")
     finally:
         link.close()
@@ -329,25 +343,44 @@ def test_top_level_names_rsync_would_read_as_comments(source: Path, sshd: SshSer
 
 
 @needs_landlock
-def test_the_sandbox_follows_a_rewritten_system_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["helper", "preexec"])
+def test_the_sandbox_follows_a_rewritten_system_file(tmp_path: Path, start: str) -> None:
     # Landlock rules name inodes: /etc/passwd rewritten by usermod (a new inode) fell out of the sandbox, and
     # every later ssh of the running daemon failed ("No user exists for uid"). Rebuilt when a named file is replaced.
-    import subprocess
 
     src = tmp_path / "src"
     src.mkdir()
     extra = tmp_path / "ssh_config"
     extra.write_text("one\n")
-    sandbox = SourceSandbox(str(src), [extra])
+    sandbox = SourceSandbox(str(src), [extra], helper=_helper(start))
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+        how = sandbox.confinement()
+        return subprocess.run(how.argv(argv), capture_output=True, pass_fds=how.pass_fds, preexec_fn=how.preexec_fn)
+
     try:
         read = ["cat", str(extra)]
-        assert subprocess.run(read, capture_output=True, preexec_fn=sandbox.preexec()).stdout == b"one\n"
+        assert run(read).stdout == b"one\n"
         replacement = tmp_path / "ssh_config.new"
         replacement.write_text("two\n")
         replacement.rename(extra)  # as usermod writes /etc/passwd: a new file renamed over the old one
-        assert subprocess.run(read, capture_output=True, preexec_fn=sandbox.preexec()).stdout == b"two\n"
+        assert run(read).stdout == b"two\n"
         secret = tmp_path / "outside"
         secret.write_text("no")
-        assert subprocess.run(["cat", str(secret)], capture_output=True, preexec_fn=sandbox.preexec()).returncode != 0
+        refused = run(["cat", str(secret)])
+        assert refused.returncode != 0 and refused.stdout == b"" and b"Permission denied" in refused.stderr
     finally:
         sandbox.close()
+
+
+def test_the_exec_helper_runs_nothing_it_cannot_confine(tmp_path: Path) -> None:
+    # A descriptor that is not a Landlock ruleset (or no descriptor): exit 126, the program never runs.
+    helper = _helper("helper")
+    assert helper is not None
+    marker = tmp_path / "ran"
+    touch = ["touch", str(marker)]
+    for argv, fds in (([helper, "0", *touch], ()), ([helper, "x", *touch], ()), ([helper, "5"], ())):
+        proc = subprocess.run(argv, capture_output=True, text=True, pass_fds=fds, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 126, (argv, proc)
+        assert proc.stderr.startswith(("upsync-landlock: ", "usage: upsync-landlock")), proc.stderr
+    assert not marker.exists()
