@@ -431,7 +431,7 @@ SETTINGS: tuple[Setting, ...] = (
     _row(
         "SYNC_MAX_PARALLEL",
         "0",
-        _int(0, 1024, "rsync runs; 0: two per CPU core"),
+        _int(0, 1024, "rsync runs; 0: eight per CPU core"),
         "How many rsync runs may start at once across all targets (a run that takes longer than a second "
         "stops counting: it waits on the network, not the CPU).",
         _G_XFER,

@@ -254,7 +254,7 @@ CASES: list[Case] = [
         "parallel-negative",
         "negative parallel runs",
         {"SYNC_MAX_PARALLEL": "-1"},
-        'upsync: invalid SYNC_MAX_PARALLEL="-1": must be a whole number from 0 to 1024 (rsync runs; 0: two per '
+        'upsync: invalid SYNC_MAX_PARALLEL="-1": must be a whole number from 0 to 1024 (rsync runs; 0: eight per '
         "CPU core)",
     ),
     cli(
