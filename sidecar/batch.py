@@ -28,7 +28,9 @@ class Snapshot:
     full: bool = False
     full_reason: str = ""
     seen_at: float | None = None  # monotonic time the oldest change in it was seen
-    batch: int | None = None  # the one watcher batch it holds, as handed over (None: merged, retried)
+    # The watcher batches it holds, exactly as handed over (None: it holds changes of its own, e.g. a retry).
+    # Targets holding the same batches hold the same changes, so they can share one plan.
+    batches: tuple[int, ...] | None = None
 
     def __bool__(self) -> bool:
         return self.full or bool(self.changes)
@@ -94,9 +96,19 @@ class Pending:
         self._changes = {}
 
     def take(self) -> Snapshot:
-        """Everything pending, leaving the set empty."""
-        single = next(iter(self._batches)) if len(self._batches) == 1 and not self._private else None
-        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at, single)
+        """Everything pending, leaving the set empty.
+
+        Example:
+            >>> p = Pending(limit=10)
+            >>> p.merge({"a": ADDED}, seen_at=1.0, batch=7); p.merge({"b": ADDED}, seen_at=2.0, batch=8)
+            >>> p.take().batches
+            (7, 8)
+            >>> p.merge({"a": ADDED}, seen_at=1.0, batch=9); p.merge({"c": ADDED}, seen_at=2.0)  # a retry's
+            >>> p.take().batches is None
+            True
+        """
+        batches = tuple(sorted(self._batches)) if self._batches and not self._private else None
+        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at, batches)
         self._changes, self._full, self._full_reason, self._seen_at = {}, False, "", None
         self._batches, self._private = set(), False
         return snap

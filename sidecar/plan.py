@@ -371,11 +371,12 @@ def make_plan(
 
 
 class SharedPlans:
-    """One plan per watcher batch, made by the first target that asks and reused by the others.
+    """One plan per set of watcher batches, made by the first target that asks and reused by the others.
 
     A plan reflects the source at the moment it was made; a target that uses it a little later is in the
-    same place as one that planned then (every later change arrives in a later batch). A target that holds
-    more than one batch (it was behind, or retries) plans on its own.
+    same place as one that planned then (every later change arrives in a later batch). Targets that fell
+    behind together hold the same merged batches (the same changes) and share their plan too; a target with
+    changes of its own (a retry) plans on its own.
 
     Args:
         planner: makes the plans.
@@ -386,18 +387,18 @@ class SharedPlans:
         self.planner = planner
         self.keep = keep
         self.counted = counted  # called with "shared" or "private" for each plan made
-        self._plans: OrderedDict[int, tuple[threading.Lock, list[Plan]]] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, ...], tuple[threading.Lock, list[Plan]]] = OrderedDict()
         self._lock = threading.Lock()
         self.made = 0  # plans made (for tests and metrics)
 
-    def get(self, batch: int | None, changes: Mapping[str, int]) -> Plan:
-        """The plan of watcher batch ``batch`` (None: a private plan of ``changes``)."""
-        if batch is None:
+    def get(self, batches: tuple[int, ...] | None, changes: Mapping[str, int]) -> Plan:
+        """The plan of the watcher batches ``batches`` (None: a private plan of ``changes``)."""
+        if batches is None:
             return self._make(changes, "private")
         with self._lock:
-            entry = self._plans.get(batch)
+            entry = self._plans.get(batches)
             if entry is None:
-                entry = self._plans[batch] = (threading.Lock(), [])
+                entry = self._plans[batches] = (threading.Lock(), [])
                 while len(self._plans) > self.keep:
                     self._plans.popitem(last=False)
         lock, made = entry

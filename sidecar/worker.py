@@ -519,7 +519,7 @@ class Worker(threading.Thread):
     def _batch(self, snap: Snapshot) -> None:
         self._check_source()
         now = time.monotonic()
-        plan = self.plans.get(snap.batch, snap.changes)
+        plan = self.plans.get(snap.batches, snap.changes)
         if plan.too_many:
             with self._cond:
                 self._pending.request_full("a new directory holds more than SYNC_MAX_PENDING paths")

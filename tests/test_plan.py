@@ -208,15 +208,32 @@ def test_excluded_directories_cover_everything_below_them(tmp_path: Path) -> Non
     assert p.send == ["2026/a.jpg"] and p.delete == []
 
 
-def test_shared_plans_are_made_once_per_batch(tmp_path: Path) -> None:
+def test_shared_plans_are_made_once_per_set_of_batches(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
     shared = SharedPlans(Planner(str(tmp_path), Excludes(()), None))
-    first = shared.get(7, {"a": ADDED})
+    first = shared.get((7,), {"a": ADDED})
     first.send.append("mine")  # each target gets its own lists
-    second = shared.get(7, {"a": ADDED})
+    second = shared.get((7,), {"a": ADDED})
     assert second.send == ["a"] and shared.made == 1
-    shared.get(None, {"a": ADDED})  # a target that is behind plans its own
-    assert shared.made == 2
+    # Targets that fell behind together hold the same merged batches: one plan for them too.
+    merged = [shared.get((7, 8), {"a": ADDED, "b": ADDED}) for _ in range(3)]
+    assert all(m.send == ["a", "b"] for m in merged) and shared.made == 2
+    shared.get(None, {"a": ADDED})  # a target with changes of its own (a retry) plans its own
+    assert shared.made == 3
+
+
+def test_targets_holding_the_same_batches_share_them_and_a_retry_does_not() -> None:
+    behind, ahead, retried = Pending(limit=10), Pending(limit=10), Pending(limit=10)
+    for p in (behind, ahead, retried):
+        p.merge({"a": ADDED}, 1.0, batch=1)
+    assert ahead.take().batches == (1,)
+    for p in (behind, ahead, retried):
+        p.merge({"b": ADDED}, 2.0, batch=2)
+    assert behind.take().batches == (1, 2) and ahead.take().batches == (2,)
+    snap = retried.take()
+    retried.restore(snap)  # a failed attempt: the retry holds changes of its own
+    assert retried.take().batches is None
 
 
 def test_pending_merges_and_bounds() -> None:
