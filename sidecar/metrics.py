@@ -44,6 +44,7 @@ REASONS = (
     "usage",
     "delete_guard",
     "source_guard",
+    "sandbox",
     "error",
 )
 

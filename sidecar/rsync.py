@@ -257,6 +257,15 @@ def classify(returncode: int, stderr: str) -> Outcome:
             "protocol",
             f"the receiver (rsync {version or 'of another version'}) does not understand this transfer: {msg}",
         )
+    if returncode in (126, 127) and stderr.startswith("upsync-landlock:"):
+        # The sandbox's exec helper could not confine rsync (or run it): nothing was run, and retrying the
+        # same start cannot help.
+        return Outcome(
+            "fatal",
+            "sandbox",
+            f"the sender's sandbox could not start rsync: {msg} (check the image's /opt/upsync/bin/upsync-landlock; "
+            "SYNC_SANDBOX=off runs without the sandbox, see docs/security.md)",
+        )
     if returncode in (1, 2, 4):
         return Outcome("fatal", "usage", msg or f"rsync exited {returncode} (usage error)")
     if returncode == 3:

@@ -51,6 +51,9 @@ from sidecar.rsync import MISSING_ARGS, RULES, Rsync, classify, parse_stats, rec
         (2, "protocol version mismatch", "fatal", "usage"),
         (3, 'rsync: change_dir#3 "/nope" failed: No such file or directory (2)', "retry", "target_path"),
         (99, "", "retry", "error"),
+        (126, "upsync-landlock: landlock_restrict_self: Bad file descriptor", "fatal", "sandbox"),
+        (127, "upsync-landlock: cannot run rsync: No such file or directory", "fatal", "sandbox"),
+        (126, "", "retry", "error"),
     ],
 )
 def test_classify(code: int, stderr: str, kind: str, reason: str) -> None:
