@@ -38,8 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.proc import Proc, RssSampler, cmdline, cpu_seconds, descendants, processes
-from bench.tools import FLOOR_RSYNC, SshSetup
-from bench.workloads import BURST_POLL_S, GAP_S, IDLE_QUIET_S, POLL_S, percentile, seed_tree, wait_idle
+from bench.tools import FLOOR_RSYNC, SshSetup, stop_sidecar
+from bench.workloads import (
+    BURST_POLL_S,
+    GAP_S,
+    IDLE_QUIET_S,
+    POLL_S,
+    burst_files,
+    percentile,
+    seed_tree,
+    wait_idle,
+    write_burst,
+)
 from tests.helpers import Sidecar, tree
 from tests.nodes import Node, start_nodes
 from tests.sshd import kill_tree, wait_until
@@ -228,13 +238,7 @@ class FanSidecar(FanTool):
     def stop(self) -> None:
         if self.sc is None or self.sc.proc is None:
             return
-        pid = self.sc.proc.pid
-        try:
-            self.sc.stop(timeout=60)
-        except Exception:
-            kill_tree(pid)
-            self.sc.kill()
-        kill_tree(pid)
+        stop_sidecar(self.sc, timeout=60)
         self.sc = None
 
     def roots(self) -> list[int]:
@@ -656,22 +660,12 @@ def fan_burst(
     """
     wait_idle(tool)
     time.sleep(GAP_S)
-    pool = os.urandom(size + 4096)
-    layout = [(f"burst/b{i % dirs:02d}", f"f{i:05d}.bin") for i in range(files)]
-    contents = [f"{i:08d}".encode() + pool[i % 4096 : i % 4096 + size - 8] for i in range(files)]
-    expected: dict[str, set[str]] = {}
-    for d, name in layout:
-        expected.setdefault(d, set()).add(name)
+    layout, contents, expected = burst_files(files, dirs, size)
 
     if isinstance(tool, FanFloor):
         tool.before_burst("burst")
     t0 = time.perf_counter()
-    (src / "burst").mkdir()
-    for d in expected:
-        (src / d).mkdir()
-    for (d, name), data in zip(layout, contents, strict=True):
-        with open(src / d / name, "wb") as fh:
-            fh.write(data)
+    write_burst(src, layout, contents, expected)
     written = time.perf_counter()
     floor_s = tool.copy_dir("burst") if isinstance(tool, FanFloor) else None  # both floors
 

@@ -210,6 +210,18 @@ class Tool:
         return ""
 
 
+def stop_sidecar(sc: Sidecar, timeout: float) -> None:
+    """Stop a started sidecar; kill its process tree if it does not stop within ``timeout`` seconds."""
+    assert sc.proc is not None
+    pid = sc.proc.pid
+    try:
+        sc.stop(timeout=timeout)
+    except Exception:
+        kill_tree(pid)
+        sc.kill()
+    kill_tree(pid)  # its ssh masters if they survived (they run in their own sessions)
+
+
 class SidecarTool(Tool):
     key = "sidecar"
     label = "sidecar"
@@ -255,13 +267,7 @@ class SidecarTool(Tool):
     def stop(self) -> None:
         if self.sc is None or self.sc.proc is None:
             return
-        pid = self.sc.proc.pid
-        try:
-            self.sc.stop(timeout=30)
-        except Exception:
-            kill_tree(pid)
-            self.sc.kill()
-        kill_tree(pid)  # its ssh master if it survived (it runs in its own session)
+        stop_sidecar(self.sc, timeout=30)
         self.sc = None
 
     def roots(self) -> list[int]:

@@ -187,6 +187,28 @@ def single_file(
     }
 
 
+def burst_files(files: int, dirs: int, size: int) -> tuple[list[tuple[str, str]], list[bytes], dict[str, set[str]]]:
+    """A burst's (directory, name) layout, contents (distinct, each ``size`` bytes) and names per directory,
+    made before the clock starts so that only writing them is timed."""
+    pool = os.urandom(size + 4096)
+    layout = [(f"burst/b{i % dirs:02d}", f"f{i:05d}.bin") for i in range(files)]
+    contents = [f"{i:08d}".encode() + pool[i % 4096 : i % 4096 + size - 8] for i in range(files)]
+    expected: dict[str, set[str]] = {}
+    for d, name in layout:
+        expected.setdefault(d, set()).add(name)
+    return layout, contents, expected
+
+
+def write_burst(src: Path, layout: list[tuple[str, str]], contents: list[bytes], expected: dict[str, set[str]]) -> None:
+    """Write a burst from :func:`burst_files` into ``src`` as fast as possible."""
+    (src / "burst").mkdir()
+    for d in expected:
+        (src / d).mkdir()
+    for (d, name), data in zip(layout, contents, strict=True):
+        with open(src / d / name, "wb") as fh:
+            fh.write(data)
+
+
 def burst(tool: Tool, src: Path, dst: Path, files: int, dirs: int, size: int, timeout: float) -> dict[str, object]:
     """Write ``files`` new files into ``dirs`` new directories as fast as possible; time until all are at the target.
 
@@ -195,20 +217,10 @@ def burst(tool: Tool, src: Path, dst: Path, files: int, dirs: int, size: int, ti
     """
     wait_idle(tool)
     time.sleep(GAP_S)
-    pool = os.urandom(size + 4096)
-    layout = [(f"burst/b{i % dirs:02d}", f"f{i:05d}.bin") for i in range(files)]
-    contents = [f"{i:08d}".encode() + pool[i % 4096 : i % 4096 + size - 8] for i in range(files)]
-    expected: dict[str, set[str]] = {}
-    for d, name in layout:
-        expected.setdefault(d, set()).add(name)
+    layout, contents, expected = burst_files(files, dirs, size)
 
     t0 = time.perf_counter()
-    (src / "burst").mkdir()
-    for d in expected:
-        (src / d).mkdir()
-    for (d, name), data in zip(layout, contents, strict=True):
-        with open(src / d / name, "wb") as fh:
-            fh.write(data)
+    write_burst(src, layout, contents, expected)
     written = time.perf_counter()
     floor_rsync = None
     if isinstance(tool, FloorTool):
