@@ -237,10 +237,6 @@ class SourceSandbox:
         self._identities = identities
         self._current = sandbox
 
-    def preexec(self) -> Callable[[], None]:
-        """The function for ``Popen(preexec_fn=...)`` that confines the child to the files as they are now."""
-        return self._sandbox().preexec()
-
     def confinement(self) -> Confinement:
         """How to start a child confined to the files as they are now (through the helper if there is one)."""
         return self._sandbox().confinement(self.helper)
