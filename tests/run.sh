@@ -7,6 +7,14 @@
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[tests] %s\n' "$*" >&2; }
+# apt_install WHAT APT-ARGS...: install Debian packages quietly (as root); on failure show apt's last lines, stop.
+apt_install() {
+  log "installing $1"
+  shift
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq "$@"; } >/tmp/upsync-apt.log 2>&1 \
+    || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+}
 
 # System packages: rsync 3.5 (with rrsync), the OpenSSH server and client.
 missing=()
@@ -15,19 +23,13 @@ for cmd in rsync rrsync sshd ssh ssh-keygen; do
 done
 if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then log "missing ${missing[*]}: install rsync and openssh-server (needs root)"; exit 1; fi
-  log "installing rsync openssh-server openssh-client"
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get update -qq && apt-get install -y -qq rsync openssh-server openssh-client; } >/tmp/upsync-apt.log 2>&1 \
-    || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+  apt_install "rsync openssh-server openssh-client" rsync openssh-server openssh-client
 fi
 
 # Debian's chromium: the monitoring stack test screenshots Prometheus' graph page with it (headless).
 # Not needed when the stack is skipped; without root the test says what is missing.
 if [ "${UPSYNC_SKIP_STACK:-}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
-  log "installing chromium (headless screenshots in the monitoring stack test)"
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } >/tmp/upsync-apt.log 2>&1 \
-    || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+  apt_install "chromium (headless screenshots in the monitoring stack test)" --no-install-recommends chromium
 fi
 
 # Python: a project venv with the pinned tools and the package itself (editable).
@@ -46,10 +48,7 @@ fi
 if [ ! -x .venv/bin/upsync-landlock ] || [ sidecar/upsync-landlock.c -nt .venv/bin/upsync-landlock ]; then
   if ! command -v cc >/dev/null 2>&1; then
     if [ "$(id -u)" -ne 0 ]; then log "no C compiler for the sandbox helper: install gcc and libc6-dev (needs root)"; exit 1; fi
-    log "installing gcc libc6-dev (the sandbox's exec helper)"
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev; } >/tmp/upsync-apt.log 2>&1 \
-      || { tail -20 /tmp/upsync-apt.log >&2; exit 1; }
+    apt_install "gcc libc6-dev (the sandbox's exec helper)" --no-install-recommends gcc libc6-dev
   fi
   log "building .venv/bin/upsync-landlock"
   cc -O2 -Wall -Wextra -Werror -o .venv/bin/upsync-landlock sidecar/upsync-landlock.c
