@@ -16,6 +16,8 @@ def test_readyz_is_503_until_first_full_sync(source: Path, sshd: SshServer, run_
     sshd.stop()  # the first full sync cannot happen
     sidecar = run_sidecar(ready=False)
     wait_until(lambda: sidecar.get("/healthz")[0] == 200, 10, "healthz")
+    # The HTTP server answers before the workers exist (/readyz 503 with no targets yet): wait for the worker.
+    wait_until(lambda: sidecar.readyz()[1]["targets"], 10, "the target's worker in /readyz")
     code, doc = sidecar.readyz()
     assert code == 503
     (target,) = doc["targets"]
