@@ -51,6 +51,24 @@ def _py_spy() -> str | None:
     return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
+# The programs the benchmark runs, by Debian package (rsync, sshd and ssh are the tests' too: tests/run.sh).
+_PROGRAMS = {"rsync": "rsync", "sshd": "openssh-server", "ssh": "openssh-client", "lsyncd": "lsyncd"}
+
+
+def _ensure_programs(tools: list[str], no_install: bool) -> None:
+    """apt-get install what is missing of rsync, sshd, ssh and (when an lsyncd system is wanted) lsyncd."""
+    wanted = ["rsync", "sshd", "ssh"] + (["lsyncd"] if any(t.startswith("lsyncd") for t in tools) else [])
+    paths = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = sorted({_PROGRAMS[p] for p in wanted if shutil.which(p, path=paths) is None})
+    if not missing or no_install:
+        return
+    say(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    quiet = {"stdout": subprocess.DEVNULL, "env": env, "check": True}
+    subprocess.run(["apt-get", "update", "-q"], **quiet)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], **quiet)
+
+
 def _ensure_environment(no_install: bool, profile: bool) -> None:
     """Run inside the project venv (the sidecar runs as ``sys.executable -m sidecar``); install bench deps."""
     if importlib.util.find_spec("watchfiles") is None and VENV_PY.exists() and Path(sys.executable) != VENV_PY:
@@ -111,7 +129,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "restored at the end): with it on, CPU is shared per session first, and how a tool spreads its "
         "rsyncs over sessions decides its share (W6). Changes scheduling machine-wide while the run lasts",
     )
-    p.add_argument("--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy record the sidecar during W1, W2, W3 and W6's single files"
+    )
     p.add_argument(
         "--tmpdir",
         type=Path,
@@ -131,7 +151,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help="run nothing: print the tables and redraw the chart from a results file",
     )
-    p.add_argument("--no-install", action="store_true", help="never pip install (no chart if matplotlib is missing)")
+    p.add_argument(
+        "--no-install",
+        action="store_true",
+        help="never pip or apt-get install (no chart if matplotlib is missing; a missing lsyncd is reported)",
+    )
     return p.parse_args(argv)
 
 
@@ -200,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the benchmark creates the ssh target account and starts sshd", file=sys.stderr)
         return 2
+    if not args.report_only:
+        _ensure_programs(args.tools.split(","), args.no_install)
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     from bench import report
@@ -386,9 +412,7 @@ def _profiled(tool: Any, enabled: bool, name: str, results_dir: Path) -> Iterato
     ``profile-NAME.md`` (per thread: where the samples are). py-spy pauses the process to sample, so a
     profiled run's timings are not the benchmark's numbers.
     """
-    from bench.tools import SidecarTool
-
-    if not enabled or not isinstance(tool, SidecarTool) or not tool.roots():
+    if not enabled or tool.key != "sidecar" or not tool.roots():
         yield
         return
     spy = _py_spy()
@@ -557,7 +581,10 @@ def _run(
     if "fanout" in phases:
         from bench.fanout import run_fanout
 
-        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack, args.fanout_floor_k)
+        def profiled(tool: Any, name: str) -> contextlib.AbstractContextManager[None]:
+            return _profiled(tool, args.profile, name, args.results)
+
+        run_fanout(results, ssh, base, sizes, wanted, extra_env, logs, say, stack, args.fanout_floor_k, profiled)
 
 
 def _big_phase(

@@ -736,8 +736,17 @@ def check_targets(tool: FanTool, src: Path, dsts: list[Path], settle: float = 10
 # ----- the phase ----------------------------------------------------------------------------------------
 
 
-def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: Callable[[str], None]) -> dict[str, Any]:
-    """One system at one N: start (sampled from there on), single files, burst, checks; then stopped and removed."""
+def run_cell(
+    tool: FanTool,
+    fleet: Fleet,
+    base: Path,
+    n: int,
+    sizes: Any,
+    say: Callable[[str], None],
+    profiled: Callable[[Any, str], contextlib.AbstractContextManager[None]] = lambda *_: contextlib.nullcontext(),
+) -> dict[str, Any]:
+    """One system at one N: start (sampled from there on), single files, burst, checks; then stopped and removed.
+    ``profiled(tool, name)``: a context around the single files (``--profile``: py-spy on the sidecar)."""
     src = base / "src" / f"fan-{tool.key}-n{n}"
     seed_tree(src)
     dsts = fleet.make_targets(f"{tool.key}-n{n}", n)
@@ -748,7 +757,10 @@ def run_cell(tool: FanTool, fleet: Fleet, base: Path, n: int, sizes: Any, say: C
         res["startup_s"] = round(tool.start(src, dsts), 2)
         say(f"{tool.label}, N={n}: ready in {res['startup_s']} s; {sizes.fan_samples} single files")
         c0, r0, m0, o0 = tool.cpu(), fleet.receiver_cpu(n), tool.counters(), tool.own_cpu()
-        single = fan_single(tool, src, dsts, sizes.fan_samples, f"{tool.key}-n{n}", sizes.file_size, sizes.timeout_s)
+        with profiled(tool, f"w6-single-n{n}"):
+            single = fan_single(
+                tool, src, dsts, sizes.fan_samples, f"{tool.key}-n{n}", sizes.file_size, sizes.timeout_s
+            )
         wait_idle(tool)
         c1, r1 = tool.cpu(), fleet.receiver_cpu(n)
         done = max(1, single["samples"])
@@ -828,6 +840,7 @@ def run_fanout(
     say: Callable[[str], None],
     stack: contextlib.ExitStack,
     floor_k: int | None = None,
+    profiled: Callable[[Any, str], contextlib.AbstractContextManager[None]] = lambda *_: contextlib.nullcontext(),
 ) -> None:
     """W6 for every N in ``sizes.fan_n`` and every wanted system of ``FAN_TOOLS``, N by N (the systems of
     one N run one after the other, close in time). A cell that fails or times out is recorded as such
@@ -851,7 +864,7 @@ def run_fanout(
         for key in keys:
             tool = tools[key]
             try:
-                cell = run_cell(tool, fleet, base, n, sizes, say)
+                cell = run_cell(tool, fleet, base, n, sizes, say, profiled)
             except Exception as exc:  # recorded; the other cells still run
                 say(f"  {tool.label}, N={n} FAILED: {exc}")
                 if tail := tool.log_tail():
