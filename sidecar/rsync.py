@@ -19,6 +19,7 @@ so a sync over the delete guard's limits deletes nothing at all.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -338,6 +339,9 @@ class Slots:
     cores. A run holds its slot for at most ``hold_s``: a long full sync or a transfer stuck on a dead node
     is waiting on the network, not using the CPU, and must not make other targets wait.
 
+    One reaper thread hands overdue slots on, for every run: a timer thread per run cost ~0.3 ms of the
+    daemon's CPU per rsync and a GIL hand-off or two, at the moment 16 or 64 targets start theirs (W6).
+
     Args:
         size: runs at once (at least 1).
         hold_s: longest a run keeps its slot.
@@ -347,20 +351,45 @@ class Slots:
         self.size = max(1, size)
         self.hold_s = hold_s
         self._sem = threading.BoundedSemaphore(self.size)
+        self._cond = threading.Condition()
+        # Ticket -> deadline. hold_s is the same for every run, so insertion order is deadline order.
+        self._held: dict[int, float] = {}
+        self._tickets = itertools.count()
+        self._reaper: threading.Thread | None = None
 
     def acquire(self) -> Callable[[], None]:
         """Take a slot; returns its (idempotent) release."""
         self._sem.acquire()
-        lock = threading.Lock()
-        held = [True]
+        ticket = next(self._tickets)
+        with self._cond:
+            idle = not self._held
+            self._held[ticket] = time.monotonic() + self.hold_s
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="slots", daemon=True)
+                self._reaper.start()
+            elif idle:
+                self._cond.notify()  # it waits without a deadline while no slot is held
 
         def release() -> None:
-            with lock:
-                if held[0]:
-                    held[0] = False
+            with self._cond:
+                if self._held.pop(ticket, None) is not None:
                     self._sem.release()
 
         return release
+
+    def _reap(self) -> None:
+        with self._cond:
+            while True:
+                if not self._held:
+                    self._cond.wait()
+                    continue
+                ticket, deadline = next(iter(self._held.items()))
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)  # released meanwhile or not: look again
+                    continue
+                del self._held[ticket]
+                self._sem.release()
 
 
 class Rsync:
@@ -516,17 +545,11 @@ class Rsync:
                     preexec_fn=confinement.preexec_fn,  # None with the helper, so Python can vfork: sidecar.sandbox
                 )
                 self._proc = proc
-            # After hold_s the run is waiting on the network, not the CPU: its slot goes to another target.
-            # (A timer, not communicate(timeout=): communicate cannot resume writing stdin after a timeout.)
-            timer = threading.Timer(self.slots.hold_s, release) if self.slots else None
-            if timer:
-                timer.daemon = True
-                timer.start()
+            # After hold_s the run is waiting on the network, not the CPU: the slots' reaper hands its slot to
+            # another target. (Not communicate(timeout=): communicate cannot resume writing stdin after one.)
             try:
                 out, err = proc.communicate(stdin) if on_output is None else _stream(proc, stdin, on_output)
             finally:
-                if timer:
-                    timer.cancel()
                 with self._lock:
                     self._proc = None
         finally:

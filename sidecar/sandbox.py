@@ -26,6 +26,7 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,23 +205,38 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+# How often (at most) the files a ruleset names are compared with those it was built for, in seconds.
+RECHECK_S = 1.0
+
+
 class SourceSandbox:
     """The sender's sandbox for one source, rebuilt when something it names is replaced.
 
     Landlock rules name inodes, not paths: a source deleted and made again (a volume recreated, remounted) is
     another directory, outside the old ruleset, and every read would be refused; so is an ``/etc/passwd``
     rewritten by ``usermod`` or a package update (written anew and renamed over the old one), after which ssh
-    finds no user for its uid. Each run asks :meth:`preexec`, which compares the device and inode of every
-    path the ruleset names with those it was built for (a few ``stat`` calls) and builds it again if one changed.
+    finds no user for its uid. Each run asks :meth:`confinement`, which compares the device and inode of every
+    path the ruleset names with those it was built for (a ``stat`` each) and builds it again if one changed.
+    The source is compared on every run, the other files at most every ``recheck_s`` seconds: ten ``stat``
+    calls per rsync, each a GIL hand-off among 16 or 64 workers starting theirs at once, were a tenth of the
+    daemon's CPU in W6. An ssh started with the old ruleset in that window fails and is retried.
 
     Raises:
         SandboxError: from the first build (the kernel offers no Landlock).
     """
 
-    def __init__(self, root: str, read_files: Iterable[str | Path] = (), helper: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        read_files: Iterable[str | Path] = (),
+        helper: str | None = None,
+        recheck_s: float = RECHECK_S,
+    ) -> None:
         self.root = root
         self.read_files = tuple(read_files)
         self.helper = helper
+        self.recheck_s = recheck_s
+        self._checked = -float("inf")  # monotonic time of the last comparison
         self._lock = threading.Lock()
         self._built: list[Sandbox] = []  # kept open until close(): a child may be starting with an old one
         self._identities: list[tuple[int, int] | None] = []
@@ -243,6 +259,12 @@ class SourceSandbox:
 
     def _sandbox(self) -> Sandbox:
         with self._lock:
+            # The source itself on every run: read with an old ruleset, its files would look unreadable and be
+            # skipped as such, not retried. Anything else replaced makes ssh fail, which is retried.
+            recent = time.monotonic() - self._checked < self.recheck_s
+            if recent and self._current is not None and _identity(self.root) == self._identities[0]:
+                return self._current
+            self._checked = time.monotonic()
             now = [_identity(p) for p in self._watched()]
             if now != self._identities and now[0] is not None:  # a missing source: the guard refuses the sync
                 changed = [str(p) for p, a, b in zip(self._watched(), now, self._identities, strict=True) if a != b]

@@ -21,7 +21,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 
 from . import logs
 from .batch import MODIFIED, Pending, Snapshot
-from .guard import GuardError, SourceGuard
+from .guard import RECENT_S, GuardError, SourceGuard
 from .hooks import Changes, Hooks
 from .metrics import Metrics
 from .plan import Plan, SharedPlans, parents
@@ -411,9 +411,9 @@ class Worker(threading.Thread):
             with self._cond:
                 self._pending.request_full(f"the same batch failed {self._streak.repeats} times ({reason})")
 
-    def _check_source(self) -> None:
+    def _check_source(self, recent_s: float = 0.0) -> None:
         try:
-            self.guard.check()
+            self.guard.check(recent_s)
         except GuardError as exc:
             raise TransientError("source_guard", str(exc)) from None
 
@@ -517,7 +517,7 @@ class Worker(threading.Thread):
         return overdue
 
     def _batch(self, snap: Snapshot) -> None:
-        self._check_source()
+        self._check_source(RECENT_S)  # sends only; _remove checks afresh
         now = time.monotonic()
         plan = self.plans.get(snap.batches, snap.changes)
         if plan.too_many:

@@ -121,3 +121,24 @@ def test_unmounted_source_is_refused(source: Path, sshd: SshServer, run_sidecar)
         assert tree(sshd.root) == before
     finally:
         subprocess.run(["umount", str(source)], check=False, capture_output=True)
+
+
+def test_a_recent_check_stands_for_sends_but_never_for_deletes(tmp_path: Path) -> None:
+    # The targets of one batch share a check made within RECENT_S (sends); a delete's check is always made now.
+    from sidecar.guard import RECENT_S, GuardError, SourceGuard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    guard = SourceGuard(str(src))
+    guard.check()
+    src.rename(tmp_path / "moved")
+    with pytest.raises(GuardError, match="is gone"):
+        guard.check()  # afresh: sees it at once
+    (tmp_path / "moved").rename(src)
+    guard.check(RECENT_S)  # passes and is remembered ...
+    src.rename(tmp_path / "moved")
+    guard.check(3600.0)  # ... so a send within the window relies on it
+    with pytest.raises(GuardError, match="is gone"):
+        guard.check()  # a delete does not
+    with pytest.raises(GuardError, match="is gone"):
+        guard.check(RECENT_S)  # nor a send once the failed check is the last one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sidecar.filters import Excludes
@@ -129,3 +131,23 @@ def test_slots_bound_runs_at_once() -> None:
     first()  # (releasing twice is harmless)
     assert got.wait(5)  # ... until one is released
     second()
+
+
+def test_one_reaper_hands_on_every_overdue_slot() -> None:
+    # A run past hold_s gives its slot up without ending; one thread does that for every run (a timer thread
+    # per run cost CPU and GIL hand-offs when many targets start at once).
+    import threading
+
+    from sidecar.rsync import Slots
+
+    slots = Slots(2, hold_s=0.1)
+    before = threading.active_count()
+    releases = [slots.acquire() for _ in range(2)]  # held, never released: both become overdue
+    t0 = time.monotonic()
+    releases += [slots.acquire() for _ in range(2)]  # waits for the reaper
+    assert time.monotonic() - t0 >= 0.09
+    for release in releases:
+        release()
+    for _ in range(50):
+        slots.acquire()()
+    assert threading.active_count() <= before + 1  # the reaper, and no thread per run

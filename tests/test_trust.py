@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.filters import Excludes
 from sidecar.rsync import Rsync
-from sidecar.sandbox import HELPER, SourceSandbox, abi_version, find_helper
+from sidecar.sandbox import HELPER, RECHECK_S, SourceSandbox, abi_version, find_helper
 from tests.helpers import Sidecar, assert_converges, tree, wait_until
 from tests.sshd import SshServer
 
@@ -364,7 +364,8 @@ def test_the_sandbox_follows_a_rewritten_system_file(tmp_path: Path, start: str)
         replacement = tmp_path / "ssh_config.new"
         replacement.write_text("two\n")
         replacement.rename(extra)  # as usermod writes /etc/passwd: a new file renamed over the old one
-        assert run(read).stdout == b"two\n"
+        # Compared at most every RECHECK_S: within it a run may still see the old ruleset (and fail, and retry).
+        wait_until(lambda: run(read).stdout == b"two\n", RECHECK_S + 5, "the sandbox rebuilt for the new file")
         secret = tmp_path / "outside"
         secret.write_text("no")
         refused = run(["cat", str(secret)])
