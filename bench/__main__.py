@@ -52,12 +52,20 @@ def _py_spy() -> str | None:
 
 
 # The programs the benchmark runs, by Debian package (rsync, sshd and ssh are the tests' too: tests/run.sh).
-_PROGRAMS = {"rsync": "rsync", "sshd": "openssh-server", "ssh": "openssh-client", "lsyncd": "lsyncd"}
+_PROGRAMS = {
+    "rsync": "rsync",
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "lsyncd": "lsyncd",
+    "inotifywait": "inotify-tools",
+}
 
 
 def _ensure_programs(tools: list[str], no_install: bool) -> None:
-    """apt-get install what is missing of rsync, sshd, ssh and (when an lsyncd system is wanted) lsyncd."""
+    """apt-get install what is missing of rsync, sshd, ssh and what the wanted systems run: lsyncd, and
+    inotifywait for the full-tree loop."""
     wanted = ["rsync", "sshd", "ssh"] + (["lsyncd"] if any(t.startswith("lsyncd") for t in tools) else [])
+    wanted += ["inotifywait"] if "loop" in tools else []
     paths = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = sorted({_PROGRAMS[p] for p in wanted if shutil.which(p, path=paths) is None})
     if not missing or no_install:
