@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the benchmark creates the ssh target account and starts sshd", file=sys.stderr)
         return 2
-    if not args.report_only:
-        _ensure_programs(args.tools.split(","), args.no_install)
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     from bench import report
@@ -270,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid --fanout-floor-k {args.fanout_floor_k}: must be at least 1", file=sys.stderr)
         return 2
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    _ensure_programs(wanted, args.no_install)
     extra_env = dict(kv.split("=", 1) for kv in args.sidecar_env)
     # SIGINT too: a shell may have started us with it ignored (background job), and Ctrl-C must clean up.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
