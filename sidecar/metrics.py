@@ -235,6 +235,14 @@ class Metrics:
                     buckets.append((float(sample.labels["le"]), sample.value))
         return histogram_quantile(q, buckets)
 
+    def add(self, target: str) -> None:
+        """Make a new target's series that no sync has made yet, at zero. Prometheus' rate() sees nothing in
+        a series whose first scrape already holds its first observations: a web node's latency histogram made
+        by its first batch gave no p95 until a later one."""
+        self.pending.labels(target).set(0)
+        self.guard.labels(target).set(0)
+        self.latency.labels(target)
+
     def forget(self, target: str) -> None:
         """Drop the per-target series of a target that went away (a web node scaled down)."""
         for metric in (self.files, self.bytes, self.deleted, self.pending, self.last_success, self.guard, self.latency):

@@ -157,8 +157,7 @@ class Worker(threading.Thread):
             reraise=True,
         )
         self._backoff = wait_exponential_jitter(initial=0.5, max=settings.retry_max_s, exp_base=2, jitter=0.5)
-        metrics.pending.labels(self.name_label).set(0)
-        metrics.guard.labels(self.name_label).set(0)
+        metrics.add(self.name_label)
 
     # ----- called from other threads -------------------------------------------------------------
 

@@ -56,6 +56,19 @@ def test_metrics_content(source: Path, sshd: SshServer, run_sidecar) -> None:
     assert sidecar.get("/nope")[0] == 404
 
 
+def test_a_new_targets_series_start_at_zero(sshd: SshServer, run_sidecar) -> None:
+    # Regression (the monitoring stack's p95 query stayed NaN for a web node): Prometheus' rate() sees nothing
+    # in a series whose first scrape already holds its first observations, so a target's latency histogram
+    # must be there, at 0, before its first batch. (Its counters are made by the first full sync.)
+    sidecar = run_sidecar()
+    name = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
+    _, text = sidecar.get("/metrics")
+    for series in ("upsync_replication_latency_seconds_count", 'upsync_replication_latency_seconds_bucket{le="0.1",'):
+        head, _, labels = series.partition("{")
+        wanted = f'{head}{{{labels}target="{name}"}} 0.0'
+        assert wanted in text, f"{wanted} not in /metrics"
+
+
 def test_fatal_target_is_reported_not_retried(source: Path, sshd: SshServer, run_sidecar) -> None:
     sshd.root.rmdir()  # rrsync's jail directory is gone: retrying cannot help
     sidecar = run_sidecar(ready=False)

@@ -296,13 +296,20 @@ def test_upload_latency_reaches_prometheus_and_every_dashboard_query_returns_dat
     def counts() -> dict[tuple[str, str], float]:
         return {(r["metric"]["instance"], r["metric"]["target"]): float(r["value"][1]) for r in prometheus.query(count)}
 
-    before = counts()
+    # Each target's histogram exists at 0 from its worker's start (Metrics.add): wait until Prometheus holds
+    # every one, so the uploads below are an increase that rate() can see.
+    targets = 1 + len(stack.web_nodes())
+
+    def every_series() -> dict[tuple[str, str], float] | None:
+        now = counts()
+        return now if len(now) == targets else None
+
+    before, _ = wait_for(every_series, 30, "every target's latency series", interval=0.5)
     files: dict[str, str] = {}
     for n in range(3):
         media, _ = stack.upload(f"monitored-{n}.jpg")
         files.update(media.files)
     stack.wait_served(files, timeout=30, what="the uploads on every node")
-    targets = 1 + len(stack.web_nodes())
 
     def counted() -> bool:
         now = counts()
@@ -311,8 +318,8 @@ def test_upload_latency_reaches_prometheus_and_every_dashboard_query_returns_dat
     _, took = wait_for(counted, 30, "the uploads' latencies in Prometheus", interval=0.5)
     _report("uploads served everywhere -> their latencies in Prometheus", took)
 
-    # rate() needs two samples of a series: one whose first scrape already held the uploads' counts (a web
-    # node's series made by these uploads) has a p95 only one scrape interval later.
+    # rate() needs an increase between two scrapes of a series: the p95 comes one scrape interval after the
+    # counts, at most.
     p95: dict[tuple[str, str], dict] = {}
 
     def p95_of_both() -> bool:
