@@ -113,6 +113,13 @@ class Metrics:
         self.files = Counter("upsync_files_sent", "Files transferred per target.", ["target"], registry=r)
         self.bytes = Counter("upsync_bytes_sent", "Bytes of file data transferred per target.", ["target"], registry=r)
         self.deleted = Counter("upsync_files_deleted", "Paths deleted on the target.", ["target"], registry=r)
+        self.unchanged = Counter(
+            "upsync_files_unchanged",
+            "Files a batch listed that the target already held as they are (sent by its previous batch, "
+            "unchanged since): not sent again.",
+            ["target"],
+            registry=r,
+        )
         self.failures = Counter(
             "upsync_failures", "Failed sync attempts per target and reason.", ["target", "reason"], registry=r
         )
@@ -245,7 +252,16 @@ class Metrics:
 
     def forget(self, target: str) -> None:
         """Drop the per-target series of a target that went away (a web node scaled down)."""
-        for metric in (self.files, self.bytes, self.deleted, self.pending, self.last_success, self.guard, self.latency):
+        for metric in (
+            self.files,
+            self.bytes,
+            self.deleted,
+            self.unchanged,
+            self.pending,
+            self.last_success,
+            self.guard,
+            self.latency,
+        ):
             with contextlib.suppress(KeyError):
                 metric.remove(target)
         for gauge in (

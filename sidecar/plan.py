@@ -19,14 +19,22 @@ path below a parent that became a symlink or a file is planned as that parent. N
 for batches: every path is listed, so a change never costs a tree walk.
 
 A plan depends only on the source, so one plan serves every target (:class:`SharedPlans`).
+
+Each regular file sent is *stamped* (device, inode, size, mtime, ctime, mode). A file a target already holds as
+it is, sent by that target's previous batch and with the same stamp now, is not sent again
+(:func:`unchanged`): a burst into a new directory is walked in one batch and its files' own events arrive in the
+next. That is only sound for a file whose last change came *before* the file system's clock moved on, which is
+what ``settled`` records (see :meth:`_Pass.stamp`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -36,7 +44,18 @@ from .batch import ADDED, DELETED
 from .filters import Excludes
 from .paths import Blocked, SafeTree
 
-__all__ = ["Plan", "Planner", "SharedPlans", "files_from", "make_plan", "open_for_writing", "parents"]
+__all__ = [
+    "Plan",
+    "Planner",
+    "SharedPlans",
+    "Stamp",
+    "files_from",
+    "make_plan",
+    "open_for_writing",
+    "parents",
+    "stamp",
+    "unchanged",
+]
 
 # rsync handles no name longer than this (MAXPATHLEN, the source directory included); it reports some and
 # silently drops others, so the planner reports them itself and never lists them.
@@ -44,6 +63,18 @@ PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
 
 # Given a SafeTree and a path: True (open for writing), False, or None (cannot tell).
 BusyProbe = Callable[[SafeTree, str], "bool | None"]
+
+# What a regular file was when it was planned: st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode, packed
+# (81 bytes against 300 for a tuple: a 10,000-file burst keeps one per file). Every write, truncate, chmod, chown
+# and rename sets the ctime (which no user can set back); a file replaced by another has another inode or a
+# newer ctime.
+Stamp = bytes
+_STAMP = struct.Struct("=QQqqqI")
+
+
+def stamp(st: os.stat_result) -> Stamp:
+    """The :data:`Stamp` of an ``lstat`` result."""
+    return _STAMP.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
 
 @dataclass
@@ -57,6 +88,8 @@ class Plan:
         busy: files still open for writing, held back for a later batch.
         skipped: ``(path, reason)`` for paths that are never sent.
         too_many: the plan grew past its limit: a full sync is cheaper.
+        stamps: each regular file in ``send``, as planned (shared by every target's copy; never changed).
+        settled: those of ``stamps`` whose every later change shows in their stamp (shared; never changed).
     """
 
     send: list[str] = field(default_factory=list)
@@ -65,6 +98,8 @@ class Plan:
     busy: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     too_many: bool = False
+    stamps: dict[str, Stamp] = field(default_factory=dict)
+    settled: set[str] = field(default_factory=set)
 
     @property
     def removals(self) -> list[str]:
@@ -88,6 +123,26 @@ def files_from(paths: Iterable[str]) -> bytes:
         b'./#a\\x00./b\\x00'
     """
     return b"".join(b"./" + os.fsencode(p) + b"\0" for p in sorted(paths))
+
+
+def unchanged(plan: Plan, delivered: Plan | None) -> set[str]:
+    """Files of ``plan`` that the target already holds as they are now.
+
+    ``delivered`` is the target's previous plan, and only if every one of its sends reached the target and it
+    removed nothing there (a removal of a directory takes files that a rename can bring back unchanged). A
+    file it sent while settled, with the same stamp now, has not changed since the plan read it; rsync read
+    it later still, so the target holds what the source holds.
+
+    Example:
+        >>> sent = Plan(send=["a", "b"], stamps={"a": b"1", "b": b"1"}, settled={"a", "b"})
+        >>> now = Plan(send=["a", "b", "c"], stamps={"a": b"1", "b": b"2", "c": b"1"})
+        >>> sorted(unchanged(now, sent)), unchanged(now, None)
+        (['a'], set())
+    """
+    if delivered is None or not delivered.settled:
+        return set()
+    before, settled = delivered.stamps, delivered.settled
+    return {p for p, now in plan.stamps.items() if p in settled and before[p] == now}
 
 
 def parents(path: str) -> Iterable[str]:
@@ -166,16 +221,30 @@ class Planner:
         self.probe = probe
         self.limit = limit
         self.probe_unsupported = False  # set once a probe answered "cannot tell" (not the files' owner)
+        # The newest ctime seen on each device: the file system's clock (which stamps ctimes) had reached
+        # it when it was seen, so every change made later gets that ctime or a newer one.
+        self.clock: dict[int, int] = {}
+        self._clock_lock = threading.Lock()
 
     def plan(self, changes: Mapping[str, int]) -> Plan:
+        with self._clock_lock:
+            clock = dict(self.clock)  # seen before any lstat of this pass: see _Pass.stamp
         with SafeTree(self.root) as tree:
-            return _Pass(self, tree).run(changes)
+            done = _Pass(self, tree, clock)
+            plan = done.run(changes)
+        with self._clock_lock:
+            for dev, ctime in clock.items():
+                if ctime > self.clock.get(dev, -1):
+                    self.clock[dev] = ctime
+        return plan
 
 
 class _Pass:
-    def __init__(self, planner: Planner, tree: SafeTree) -> None:
+    def __init__(self, planner: Planner, tree: SafeTree, clock: dict[int, int]) -> None:
         self.p = planner
         self.tree = tree
+        self.clock = clock
+        self.clocked: set[str] = set()  # directories read for the clock in this pass
         self.room = PATH_MAX - len(os.fsencode(planner.root)) - 2  # bytes left for a name below the root
         self.plan = Plan()
         self.handled: set[str] = set()  # paths sent, retracted, held back or skipped
@@ -203,6 +272,7 @@ class _Pass:
         return self.plan.too_many
 
     def change(self, rel: str, flags: int) -> None:
+        self.tick(rel.rpartition("/")[0])
         try:
             st = self.tree.lstat(rel)
         except FileNotFoundError:
@@ -217,11 +287,12 @@ class _Pass:
         if self.p.excludes.excluded(rel, stat.S_ISDIR(st.st_mode)):
             return
         if stat.S_ISDIR(st.st_mode):
+            self.saw(st)
             # A new directory (or one moved in: watchfiles can label that a delete) is sent whole.
             if flags & (ADDED | DELETED):
                 self.walk(rel)
             return
-        self.leaf(rel, st.st_mode)
+        self.leaf(rel, st)
 
     def blocked(self, parent: str) -> None:
         """A parent became a symlink or a file: that parent is what changed (it replaces the old directory)."""
@@ -239,7 +310,7 @@ class _Pass:
             self.report(parent, exc)
             return
         if not self.p.excludes.excluded(parent, stat.S_ISDIR(st.st_mode)):
-            self.leaf(parent, st.st_mode)
+            self.leaf(parent, st)
 
     def too_long(self, rel: str) -> bool:
         if len(os.fsencode(rel)) < self.room:
@@ -248,7 +319,38 @@ class _Pass:
         self.plan.skipped.append((rel, "File name too long"))
         return True
 
-    def leaf(self, rel: str, mode: int) -> None:
+    def tick(self, directory: str) -> None:
+        """Read the clock from a directory before the lstat of anything in it: creating, renaming or removing
+        an entry sets its ctime, so a burst's directory shows the newest file's creation. (Without it the
+        files of a batch, planned in the order they were written, would each only see older ctimes.)"""
+        if directory in self.clocked:
+            return
+        self.clocked.add(directory)
+        with contextlib.suppress(OSError, Blocked):  # the lstat that follows says what is wrong
+            self.saw(os.fstat(self.tree.dirfd(directory)))
+
+    def saw(self, st: os.stat_result) -> None:
+        """The file system's clock had reached ``st``'s ctime when this lstat ran."""
+        if st.st_ctime_ns > self.clock.get(st.st_dev, -1):
+            self.clock[st.st_dev] = st.st_ctime_ns
+
+    def stamp(self, rel: str, st: os.stat_result) -> None:
+        """Stamp a regular file being sent; it is settled if the clock had moved past its ctime before its lstat.
+
+        ``self.clock`` holds only ctimes read before this file's lstat (this pass runs its lstats one after
+        the other, and the planner's were copied before the first). So when this file's ctime is older, any
+        change after its lstat gets a newer ctime and shows in its stamp. One changed in the same clock tick
+        as its lstat could keep its stamp: it is not settled, and is always sent again. (Needs no clock on
+        this machine: NFS stamps ctimes by the server's. A clock set back can only repeat a ctime to the
+        nanosecond.)
+        """
+        self.plan.stamps[rel] = stamp(st)
+        if st.st_ctime_ns < self.clock.get(st.st_dev, -1):
+            self.plan.settled.add(rel)
+        self.saw(st)
+
+    def leaf(self, rel: str, st: os.stat_result) -> None:
+        mode = st.st_mode
         if rel in self.handled:
             return
         if self.too_long(rel):
@@ -270,6 +372,8 @@ class _Pass:
             self.plan.skipped.append((rel, "not a regular file, directory or symlink"))
             self.plan.retract.append(rel)
             return
+        if stat.S_ISREG(mode):
+            self.stamp(rel, st)
         self.plan.send.append(rel)
 
     def readable(self, rel: str) -> bool:
@@ -301,6 +405,7 @@ class _Pass:
                 continue  # (too long: what is below it is longer still)
             self.handled.add(current)
             self.plan.send.append(current)
+            self.tick(current)
             try:
                 entries = list(self.tree.scandir(current))
             except Blocked:
@@ -316,9 +421,10 @@ class _Pass:
                 if self.p.excludes.excluded(child, is_dir):
                     continue
                 if is_dir:
+                    self.saw(st)
                     stack.append(child)
                 else:
-                    self.leaf(child, st.st_mode)
+                    self.leaf(child, st)
 
     def report(self, rel: str, exc: OSError) -> None:
         """A path that cannot be read is skipped and said so; one that vanished meanwhile is not news."""
@@ -416,5 +522,12 @@ class SharedPlans:
 def _copy(plan: Plan) -> Plan:
     """Each target gets its own lists (a worker adds overdue busy files to its sends)."""
     return Plan(
-        list(plan.send), list(plan.delete), list(plan.retract), list(plan.busy), list(plan.skipped), plan.too_many
+        list(plan.send),
+        list(plan.delete),
+        list(plan.retract),
+        list(plan.busy),
+        list(plan.skipped),
+        plan.too_many,
+        plan.stamps,
+        plan.settled,
     )

@@ -24,7 +24,7 @@ from .batch import MODIFIED, Pending, Snapshot
 from .guard import RECENT_S, GuardError, SourceGuard
 from .hooks import Changes, Hooks
 from .metrics import Metrics
-from .plan import Plan, SharedPlans, parents
+from .plan import Plan, SharedPlans, parents, unchanged
 from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
 from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
 from .rsync import Stats
@@ -147,6 +147,9 @@ class Worker(threading.Thread):
         self.fatal: tuple[str, str] | None = None
         self.last_success: float | None = None
         self.holds: int | None = None  # paths the target holds (from the last full sync, kept up to date)
+        # The last batch that reached the target whole and removed nothing, and the ssh connection it went
+        # over (SshLink.starts): what the target holds for sure (see plan.unchanged). None after anything else.
+        self._delivered: tuple[Plan, int] | None = None
         self.result: bool | None = None  # once mode: did the full sync succeed
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -371,6 +374,7 @@ class Worker(threading.Thread):
         if not snap:
             return
         kind = "full" if snap.full else "batch"
+        delivered, self._delivered = self._delivered, None  # kept only by a batch that goes through whole
         if self._changes is None and self.hooks is not None:
             # Kept across failed attempts: what a cut full sync did send is reported with the retry's.
             self._changes = self.hooks.changes()
@@ -378,7 +382,7 @@ class Worker(threading.Thread):
             if snap.full:
                 self._full_sync(snap)
             else:
-                self._batch(snap)
+                self._batch(snap, delivered)
         except (TransferError, TransientError) as exc:
             with self._cond:
                 self._pending.restore(snap)
@@ -515,7 +519,13 @@ class Worker(threading.Thread):
                 self._not_before = now + self.settings.quiet_s
         return overdue
 
-    def _batch(self, snap: Snapshot) -> None:
+    def _unchanged(self, plan: Plan, delivered: tuple[Plan, int] | None) -> set[str]:
+        """Files of ``plan`` this target holds as they are: sent by its last whole batch, unchanged since."""
+        if delivered is None or delivered[1] != self.transport.link.starts:
+            return set()  # a new connection may reach a new host (a replaced node)
+        return unchanged(plan, delivered[0])
+
+    def _batch(self, snap: Snapshot, delivered: tuple[Plan, int] | None) -> None:
         self._check_source(RECENT_S)  # sends only; _remove checks afresh
         now = time.monotonic()
         plan = self.plans.get(snap.batches, snap.changes)
@@ -525,25 +535,40 @@ class Worker(threading.Thread):
             return
         self.report_skipped(plan.skipped)
         self._forget_busy(plan)
+        held = self._unchanged(plan, delivered)
+        if held:
+            # A burst into a new directory: the directory's walk sent these, their own events came later.
+            plan.send = [p for p in plan.send if p not in held]
+            self.metrics.unchanged.labels(self.name_label).inc(len(held))
         plan.send += self._hold_busy(plan.busy, now)
         removals = bool(plan.delete or plan.retract) and self.settings.delete
         if not plan.send and not removals:
+            self._delivered = delivered  # the target is as it was
             return
-        stats, seconds = Stats(), 0.0
+        stats, seconds, whole = Stats(), 0.0, True
         if plan.send:
             run = self.transport.send(plan.files_from())
             self._note(run.result.stdout)
             stats, seconds = run.stats, run.result.seconds
+            whole = run.kind == "ok"
             if run.kind == "vanished":
                 # Files vanished between planning and sending: plan them again (they are deletes now).
                 with self._cond:
                     self._pending.merge(dict.fromkeys(plan.send, MODIFIED), None)
+        connection = self.transport.link.starts
+        if held and delivered is not None and connection != delivered[1]:
+            # The send made a new connection (maybe to a new host): the files left out go too, next time.
+            whole = False
+            with self._cond:
+                self._pending.merge(dict.fromkeys(held, MODIFIED), None)
         if removals:
             removed, took = self._remove(plan)
             stats, seconds = stats + removed, seconds + took
         if self.holds is not None:
             self.holds = max(0, self.holds + stats.created - stats.deleted)
         paths = len(plan.send) + (len(plan.delete) + len(plan.retract) if removals else 0)
+        if whole and not (plan.delete or plan.retract):
+            self._delivered = (Plan(stamps=plan.stamps, settled=plan.settled), connection)  # not the lists
         self._succeeded("batch", stats, seconds, snap.seen_at, paths)
 
     def _remove(self, plan: Plan) -> tuple[Stats, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from sidecar.batch import ADDED, DELETED, MODIFIED, Pending
 from sidecar.filters import Excludes
 from sidecar.paths import SafeTree
-from sidecar.plan import Planner, SharedPlans, make_plan, open_for_writing
+from sidecar.plan import Planner, SharedPlans, make_plan, open_for_writing, unchanged
 
 
 def plan(
@@ -262,3 +263,106 @@ def test_names_past_path_max_are_reported_not_listed(tmp_path: Path) -> None:
     assert p.send and all(len(os.fsencode(f"{tmp_path}/{s}")) < 4096 for s in p.send)
     ((first, why),) = p.skipped  # the topmost one only: everything below it is longer still
     assert why == "File name too long" and len(os.fsencode(f"{tmp_path}/{first}")) >= 4094
+
+
+# ----- stamps: a file the target already holds as it is is not sent twice (issue 12's 10,000-file bursts) -----
+
+
+def _newer(tmp: Path, than: Path) -> Path:
+    """A file outside the tree whose ctime is past ``than``'s: the file system's clock has moved on."""
+    marker = tmp / "clock"
+    wait_for_ctime = time.monotonic() + 5
+    while True:
+        marker.write_bytes(b"x")
+        if marker.stat().st_ctime_ns > than.stat().st_ctime_ns:
+            return marker
+        assert time.monotonic() < wait_for_ctime, "the file system's clock did not move in 5 s"
+
+
+def _planner(root: Path) -> Planner:
+    return Planner(str(root), Excludes(()), probe=None)
+
+
+def test_a_file_seen_after_the_clock_moved_on_is_settled(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"a")
+    planner = _planner(root)
+    first = planner.plan({"a.jpg": ADDED})
+    assert first.send == ["a.jpg"] and set(first.stamps) == {"a.jpg"}
+    assert first.settled == set()  # nothing newer seen before its lstat: a change in the same tick could hide
+    _newer(root, root / "a.jpg").rename(root / "later")  # in the tree, so the planner sees its ctime
+    later = planner.plan({"later": ADDED})
+    assert later.settled == set()  # the newest file of all
+    again = planner.plan({"a.jpg": MODIFIED})
+    assert again.settled == {"a.jpg"} and again.stamps["a.jpg"] == first.stamps["a.jpg"]
+    assert unchanged(planner.plan({"a.jpg": MODIFIED}), again) == {"a.jpg"}
+
+
+def test_a_same_size_rewrite_with_the_old_mtime_is_a_change(tmp_path: Path) -> None:
+    # What rsync's quick check (size, whole-second mtime) would miss: the ctime shows it.
+    root = tmp_path / "src"
+    root.mkdir()
+    f = root / "a.jpg"
+    f.write_bytes(b"one")
+    _newer(root, f).rename(root / "later")
+    planner = _planner(root)
+    planner.plan({"later": ADDED})
+    sent = planner.plan({"a.jpg": ADDED})
+    assert sent.settled == {"a.jpg"}
+    before = f.stat()
+    f.write_bytes(b"two")
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert f.stat().st_size == before.st_size and f.stat().st_mtime_ns == before.st_mtime_ns
+    assert unchanged(planner.plan({"a.jpg": MODIFIED}), sent) == set()
+
+
+def test_a_chmod_or_a_replacement_is_a_change(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in ("mode.jpg", "swap.jpg"):
+        (root / name).write_bytes(b"x")
+    _newer(root, root / "swap.jpg").rename(root / "later")
+    planner = _planner(root)
+    planner.plan({"later": ADDED})
+    sent = planner.plan({"mode.jpg": ADDED, "swap.jpg": ADDED})
+    assert sent.settled == {"mode.jpg", "swap.jpg"}
+    (root / "mode.jpg").chmod(0o600)
+    (root / "other").write_bytes(b"x")
+    (root / "other").rename(root / "swap.jpg")  # same size and content, another file
+    assert unchanged(planner.plan({"mode.jpg": MODIFIED, "swap.jpg": ADDED}), sent) == set()
+
+
+def test_a_burst_walked_in_one_batch_is_unchanged_in_the_next(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    (root / "burst").mkdir(parents=True)
+    for i in range(20):
+        (root / f"burst/{i}.jpg").write_bytes(b"x" * i)
+    _newer(root, root / "burst/19.jpg").rename(root / "burst/marker")  # written last: newest
+    planner = _planner(root)
+    walked = planner.plan({"burst": ADDED})  # the directory's walk sends every file in it
+    names = {f"burst/{i}.jpg" for i in range(20)}
+    # the directory's ctime (the marker's arrival) is read before any of its files: all but the marker settle
+    assert walked.settled == names and len(walked.stamps) == 21
+    events = planner.plan(dict.fromkeys(names, ADDED))  # their own events, one batch later
+    assert unchanged(events, walked) == names
+
+
+def test_files_planned_in_the_order_they_were_written_settle(tmp_path: Path) -> None:
+    # The burst's second batch: each file's own lstat sees only older ctimes; its directory's does not.
+    root = tmp_path / "src"
+    (root / "d").mkdir(parents=True)
+    names = [f"d/{i:02d}.jpg" for i in range(10)]
+    for name in names:
+        (root / name).write_bytes(b"x")
+    _newer(root, root / names[-1]).rename(root / "d/zz-last")
+    p = _planner(root).plan(dict.fromkeys(names, MODIFIED))
+    assert p.settled == set(names)
+
+
+def test_every_target_shares_one_plans_stamps(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"a")
+    shared = SharedPlans(_planner(tmp_path))
+    one, two = shared.get((1,), {"a": ADDED}), shared.get((1,), {"a": ADDED})
+    assert one.send is not two.send  # each target's own list
+    assert one.stamps is two.stamps and one.settled is two.settled  # one copy, not one per target
