@@ -266,6 +266,7 @@ class FanSidecar(FanTool):
             "full_syncs": self.sc.metric("upsync_syncs_total", kind="full"),
             "failed_syncs": self.sc.metric("upsync_syncs_total", status="error"),
             "files_sent": self.sc.metric("upsync_files_sent_total"),
+            "files_unchanged": self.sc.metric("upsync_files_unchanged_total"),  # listed, held already: not sent
         }
 
 
