@@ -150,6 +150,10 @@ class Worker(threading.Thread):
         # The last batch that reached the target whole and removed nothing, and the ssh connection it went
         # over (SshLink.starts): what the target holds for sure (see plan.unchanged). None after anything else.
         self._delivered: tuple[Plan, int] | None = None
+        # The ssh connection (SshLink.starts) the last full sync went over. A batch that had to connect again
+        # may have reached a node rebuilt empty (or restored from a backup) behind the same address while
+        # nothing failed: that batch is followed by a full sync.
+        self._checked_over = 0
         self.result: bool | None = None  # once mode: did the full sync succeed
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -570,6 +574,12 @@ class Worker(threading.Thread):
         if whole and not (plan.delete or plan.retract):
             self._delivered = (Plan(stamps=plan.stamps, settled=plan.settled), connection)  # not the lists
         self._succeeded("batch", stats, seconds, snap.seen_at, paths)
+        if self.transport.link.starts != self._checked_over:
+            with self._cond:
+                self._pending.request_full(
+                    f"connected again (connection {self.transport.link.starts}): the target may have been "
+                    "replaced or restored"
+                )
 
     def _remove(self, plan: Plan) -> tuple[Stats, float]:
         """Count what the removals would delete on the target, ask the guard, then delete exactly that."""
@@ -658,6 +668,7 @@ class Worker(threading.Thread):
             with self._cond:
                 self._pending.request_full("more to delete than counted")
         self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
+        self._checked_over = self.transport.link.starts
         if guard_ok:
             self._clear_guard()
         if self.settings.full_interval_s:

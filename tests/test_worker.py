@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -102,3 +103,27 @@ def test_pending_bound_falls_back_to_one_full_sync(source: Path, sshd: SshServer
     sshd.start()
     assert_converges(source, sshd.root, 30)
     assert "more than 100 changed paths waiting" in sidecar.logs()
+
+
+def test_a_target_replaced_while_idle_gets_everything(source: Path, sshd: SshServer, run_sidecar) -> None:
+    """A node rebuilt empty behind the same address (a new volume, a restored VM) between two uploads.
+
+    No batch fails (nothing changes while it is away), so the recovery full sync never runs; the only sign
+    is that the ssh connection had to be made again. The next upload must bring everything back, not only
+    itself and not only at the next hourly reconcile.
+    """
+    for i in range(20):
+        (source / f"old-{i:02d}.jpg").write_bytes(os.urandom(512))
+    sidecar = run_sidecar()
+    assert_converges(source, sshd.root, 10)
+    assert sidecar.proc is not None
+    pid = sidecar.proc.pid
+    sshd.stop()
+    wait_until(lambda: not _masters(pid), 10, "the ssh master to notice the node is gone")
+    for entry in sshd.root.iterdir():  # the replacement starts empty
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    sshd.start()
+    (source / "new.jpg").write_bytes(b"after the replacement")
+    assert_converges(source, sshd.root, 20)
+    full = lambda: sidecar.metric("upsync_syncs_total", kind="full", status="success")  # noqa: E731
+    wait_until(lambda: full() == 2, 10, "the start's full sync and the one after the reconnect")
