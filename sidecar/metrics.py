@@ -249,6 +249,7 @@ class Metrics:
         self.pending.labels(target).set(0)
         self.guard.labels(target).set(0)
         self.latency.labels(target)
+        self.unchanged.labels(target)  # made by no full sync: 0 until a batch leaves a file out
 
     def forget(self, target: str) -> None:
         """Drop the per-target series of a target that went away (a web node scaled down)."""

@@ -59,11 +59,16 @@ def test_metrics_content(source: Path, sshd: SshServer, run_sidecar) -> None:
 def test_a_new_targets_series_start_at_zero(sshd: SshServer, run_sidecar) -> None:
     # Regression (the monitoring stack's p95 query stayed NaN for a web node): Prometheus' rate() sees nothing
     # in a series whose first scrape already holds its first observations, so a target's latency histogram
-    # must be there, at 0, before its first batch. (Its counters are made by the first full sync.)
+    # must be there, at 0, before its first batch. (Its sent/deleted counters are made by the first full sync;
+    # the unchanged-files counter by no sync at all, so it starts at 0 too.)
     sidecar = run_sidecar()
     name = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/"
     _, text = sidecar.get("/metrics")
-    for series in ("upsync_replication_latency_seconds_count", 'upsync_replication_latency_seconds_bucket{le="0.1",'):
+    for series in (
+        "upsync_replication_latency_seconds_count",
+        'upsync_replication_latency_seconds_bucket{le="0.1",',
+        "upsync_files_unchanged_total",
+    ):
         head, _, labels = series.partition("{")
         wanted = f'{head}{{{labels}target="{name}"}} 0.0'
         assert wanted in text, f"{wanted} not in /metrics"

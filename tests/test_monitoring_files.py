@@ -43,6 +43,7 @@ DOCUMENTED = (
     "upsync_files_sent_total",
     "upsync_bytes_sent_total",
     "upsync_files_deleted_total",
+    "upsync_files_unchanged_total",
     "upsync_failures_total",
     "upsync_pending_paths",
     "upsync_last_success_timestamp_seconds",
