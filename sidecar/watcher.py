@@ -11,6 +11,9 @@ watchfiles cannot report some things, so the watcher asks for a full sync (``on_
   more changes arrived within one second than the kernel's inotify queue holds
   (``fs.inotify.max_queued_events``), so it may have overflowed (watchfiles drops the overflow
   notice itself); smaller overflows (a stalled reader) are left to the periodic reconcile;
+* a new directory holds a *walk breaker* (an unreadable directory, a symlink to a directory): notify's
+  walk of it stops there, so the watch is made again with walks of their own for what it left out
+  (``sidecar/roots.py``);
 * the watch limit was reached (``fs.inotify.max_user_watches``) and the ``auto`` backend fell back
   to polling. watchfiles places the watches it can and says nothing about the others, so after
   start and after every batch that added paths, the watcher checks with a probe watch of its own
@@ -34,6 +37,7 @@ import ctypes
 import enum
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +48,7 @@ from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
 
 from . import logs
 from .batch import ADDED, DELETED, MODIFIED
+from .roots import breakers, watch_roots
 
 __all__ = ["Lost", "Watcher", "overflow_threshold", "watch_limit_reached"]
 
@@ -65,6 +70,7 @@ class Why(enum.Enum):
     LIMIT = "the inotify watch limit was reached"
     FAILED = "the watcher could not be started"
     ERROR = "watcher error"  # repeats (a name that is not UTF-8 fails every access): throttled
+    BREAKER = "a new directory holds what the watcher's walk stops at"  # may repeat (a hostile tree): throttled
 
 
 @dataclass(frozen=True)
@@ -251,8 +257,20 @@ class Watcher(threading.Thread):
             OSError: the watch cannot be made (the watch limit, a missing source).
             WatchfilesRustInternalError: watchfiles failed on a change it cannot report.
         """
+        roots = watch_roots(self.root)
+        if len(roots.paths) > 1:
+            log.info(
+                "the source holds directories the watcher's walk stops at; watching what follows them separately",
+                extra={
+                    "fields": {
+                        "unreadable_dirs": roots.unreadable,
+                        "symlinked_dirs": roots.links,
+                        "walks": len(roots.paths),
+                    }
+                },
+            )
         notify = RustNotify(
-            watch_paths=[self.root],
+            watch_paths=roots.paths,
             debug=False,
             force_polling=self.polling,
             poll_delay_ms=self.poll_interval_ms,
@@ -271,7 +289,7 @@ class Watcher(threading.Thread):
         if lost:
             # Ask for the full sync only now that the new watch is in place, so it misses nothing.
             # Watcher errors repeat (every access to a name that is not UTF-8): those are throttled.
-            self._ask_full(str(lost), throttle=lost.why is Why.ERROR)
+            self._ask_full(str(lost), throttle=lost.why in (Why.ERROR, Why.BREAKER))
         checked = time.monotonic()
         # A step returns within its timeout plus one batch window; far longer means this process was
         # stopped or starved (SIGSTOP, a paused VM, CPU starvation): the kernel queue may have overflowed.
@@ -283,15 +301,24 @@ class Watcher(threading.Thread):
             )
             if time.monotonic() - called > stall_s and not self.polling:
                 self._ask_full(f"the watcher was stalled for {time.monotonic() - called:.1f} s; events may be lost")
-            root_gone = added = False
+            root_gone, added = False, []
             if isinstance(raw, set) and raw:  # else "timeout" (a quiet second), "stop" or "signal": none here
                 root_gone, added = self._dispatch(raw)
             if self._stopping.is_set():
                 raise _Stop
             if self._deferred and time.monotonic() - self._last_full >= FULL_SYNC_COOLDOWN_S:
                 self._ask_full(self._deferred)
-            if added and not self.polling and watch_limit_reached(self.root):
-                return Lost(Why.LIMIT)
+            if added and not self.polling:
+                if watch_limit_reached(self.root):
+                    return Lost(Why.LIMIT)
+                if found := self._new_breakers(added):
+                    detail = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+                    log.warning(
+                        "a new directory holds what the watcher's walk stops at (an unreadable directory, a symlink "
+                        "to a directory); watching again, a full sync follows",
+                        extra={"fields": {"paths": detail}},
+                    )
+                    return Lost(Why.BREAKER, detail)
             now = time.monotonic()
             if root_gone or now - checked >= 1.0:
                 checked = now
@@ -304,17 +331,32 @@ class Watcher(threading.Thread):
                     )
                     return Lost(Why.REPLACED)
 
-    def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, bool]:
-        """Hand a batch over; returns (the source directory itself was deleted or moved, paths were added)."""
+    def _new_breakers(self, added: list[str]) -> list[str]:
+        """Walk breakers in the directories among ``added`` (absolute paths), relative to the root."""
+        found = []
+        for path in added:
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    continue
+            except OSError:
+                continue  # gone again
+            # A new directory that cannot be listed cuts no walk but its own, in which nothing can be watched.
+            found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path)
+        return found
+
+    def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str]]:
+        """Hand a batch over; returns (the source directory itself was deleted or moved, the paths added)."""
         seen_at = time.monotonic()
         changes: dict[str, int] = {}
         prefix, cut = self._prefix, len(self._prefix)
-        root_gone = added = False
+        root_gone = False
+        added = []
         for change, path in raw:
             if path.startswith(prefix):
                 rel = path[cut:]
                 flag = _FLAGS.get(change, MODIFIED)
-                added = added or flag == ADDED
+                if flag == ADDED:
+                    added.append(path)
                 changes[rel] = changes.get(rel, 0) | flag
             elif path == self.root and change != Change.modified.value:
                 root_gone = True

@@ -160,10 +160,13 @@ def as_user(name: str) -> list[str]:
 
 
 def chown_tree(root: Path, user: str) -> None:
+    """Give ``root`` and everything below it to ``user``; a symlink itself, never what it points to (a test
+    tree holds links to /root and /etc)."""
+    entry = pwd.getpwnam(user)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
-            shutil.chown(os.path.join(dirpath, name), user, user)
-    shutil.chown(root, user, user)
+            os.lchown(os.path.join(dirpath, name), entry.pw_uid, entry.pw_gid)
+    os.lchown(root, entry.pw_uid, entry.pw_gid)
 
 
 def user_daemon(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.faultlib import count_entries, user_daemon, wait_synced
+from tests.faults.faultlib import chown_tree, count_entries, user_daemon, wait_synced
 from tests.helpers import Sidecar, assert_converges, wait_until
 from tests.sshd import SshServer
 from tests.test_trust import SECRET, assert_no_secret, exchange, needs_landlock, secret_dir
@@ -118,3 +118,55 @@ def test_an_unreadable_directory_does_not_stop_full_syncs_from_deleting(
     assert reports == 1
     full = sum(1 for ln in sidecar.logs().splitlines() if " synced " in ln and "kind=full" in ln)
     record(full_syncs=full, stray_deleted_by_reconcile_s=round(repaired_s, 1), lost_found_reports=reports)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another uid: root reads everything)")
+def test_unreadable_and_symlinked_directories_do_not_blind_the_watcher(
+    source: Path, sshd: SshServer, client_key, workdir: Path, sidecars: list[Sidecar], record
+) -> None:
+    # Regression: notify (watchfiles' core) stops its whole recursive walk at the first directory it cannot
+    # watch, and watchfiles, told to ignore permission errors, says nothing. With ext4's lost+found early in
+    # directory order, 8 of 9 sibling directories got no watch: their uploads waited for the reconcile.
+    dirs = ["", *(f"d{i}" for i in range(10)), *(f"d{i}/deep" for i in range(10))]
+    for d in dirs:
+        (source / d).mkdir(parents=True, exist_ok=True)
+    (source / "lost+found").mkdir(mode=0o700)
+    (source / "d3/private").mkdir(mode=0o700)  # a plugin's folder of another owner
+    (source / "d5/home").symlink_to("/root")  # a symlink to a directory the daemon cannot read
+    # No periodic reconcile: only the watcher can deliver what follows.
+    sidecar = user_daemon(source, sshd, client_key, workdir, sidecars, SYNC_FULL_SYNC_INTERVAL="0")
+    for private in ("lost+found", "d3/private"):
+        shutil.chown(source / private, "root", "root")
+    sidecar.start()
+    wait_synced(sidecar)
+    start = time.monotonic()
+    for d in dirs:
+        (source / d / "probe.jpg").write_text(f"uploaded into /{d}")
+    wait_until(lambda: all((sshd.root / d / "probe.jpg").exists() for d in dirs), 15, "an upload into every directory")
+    at_start_s = time.monotonic() - start
+
+    # Later: a folder moved in (an unzipped plugin archive, say) whose first subfolder cannot be read.
+    incoming = workdir / "incoming"
+    subs = [f"s{i}" for i in range(5)]
+    for s in subs:
+        (incoming / s).mkdir(parents=True)
+    chown_tree(incoming, sshd.user)
+    (incoming / "a-locked").mkdir(mode=0o700)  # root's
+    full = lambda: sidecar.metric("upsync_syncs_total", kind="full", status="success")  # noqa: E731
+    fulls = full()
+    os.rename(incoming, source / "incoming")
+    wait_until(lambda: full() > fulls, 15, "the full sync after the watch was made again")
+    start = time.monotonic()
+    for s in subs:
+        (source / "incoming" / s / "probe.jpg").write_text(s)
+    wait_until(
+        lambda: all((sshd.root / "incoming" / s / "probe.jpg").exists() for s in subs),
+        15,
+        "uploads into the new folder",
+    )
+    record(
+        directories=len(dirs),
+        delivered_after_start_s=round(at_start_s, 2),
+        delivered_in_moved_folder_s=round(time.monotonic() - start, 2),
+        full_syncs=full(),
+    )

@@ -1,0 +1,100 @@
+"""Where the watcher's recursive walks start, so that every readable directory of the tree gets a watch.
+
+watchfiles' Rust core (the ``notify`` crate, 8.0) places a recursive watch by walking the tree, following
+symlinks, and stops the *whole walk* at the first directory it cannot watch. watchfiles, told to ignore
+permission errors (it must: one unreadable directory may not stop replication), then says nothing, and
+every directory the walk had not reached yet, in directory order, is silently not watched: its changes
+wait for the periodic reconcile. Measured here with ten sibling directories and one of them unreadable
+(``lost+found`` of an ext4 volume, a plugin's 0700 folder of another owner): one of the other nine was
+watched. A symlink to a directory breaks a walk the same way as soon as anything below its target cannot
+be watched (a link to ``/`` always does).
+
+So the tree is scanned first (no symlink followed) for such *walk breakers*; the readable siblings of each
+breaker, and of each of its ancestors, become walks of their own. One walk's error does not stop another
+(watchfiles places each path it is given separately), and every directory is reached by a walk that no
+breaker before it can cut: a directory is either in front of every breaker of its walk, or the sibling of
+one of a breaker's ancestors, which is a walk of its own. Directories made later are walked by notify as
+they appear; :func:`breakers` tells the watcher when such a new directory holds a breaker (then the watch
+is made again with the new roots).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["Roots", "breakers", "watch_roots"]
+
+
+@dataclass(frozen=True)
+class Roots:
+    """What to watch: ``paths`` (the tree's root first), and the walk breakers found, for the log."""
+
+    paths: list[str]
+    unreadable: int = 0
+    links: int = 0
+
+
+def _scan(top: str) -> Iterator[tuple[str, list[str] | None, list[str]]]:
+    """Every real directory below ``top`` (``top`` included), depth first: (directory, its real child
+    directories or None if it cannot be listed, its symlinks to directories)."""
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        dirs: list[str] = []
+        links: list[str] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            dirs.append(entry.path)
+                        elif entry.is_symlink() and entry.is_dir():  # follows the link: notify does too
+                            links.append(entry.path)
+                    except OSError:
+                        continue  # gone meanwhile, or a link into a place we cannot stat: nothing to walk
+        except OSError:
+            yield directory, None, []
+            continue
+        yield directory, dirs, links
+        stack.extend(dirs)
+
+
+def breakers(top: str) -> list[str]:
+    """The walk breakers at or below ``top``: directories that cannot be listed, symlinks to directories."""
+    found: list[str] = []
+    for directory, dirs, links in _scan(top):
+        if dirs is None:
+            found.append(directory)
+        found.extend(links)
+    return found
+
+
+def watch_roots(root: str) -> Roots:
+    """The paths to hand watchfiles (recursively) so that every readable directory below ``root`` is watched.
+
+    Without breakers that is ``[root]`` alone: one walk, as before.
+    """
+    children: dict[str, list[str]] = {}
+    broken: list[str] = []
+    unreadable = links = 0
+    for directory, dirs, symlinks in _scan(root):
+        if dirs is None:
+            if directory == root:
+                return Roots([root])  # nothing can be watched; the watcher reports what watchfiles says
+            broken.append(directory)
+            unreadable += 1
+            continue
+        children[directory] = dirs
+        broken.extend(symlinks)
+        links += len(symlinks)
+    extra: set[str] = set()
+    for path in broken:
+        current = path
+        while current != root:
+            parent = os.path.dirname(current)
+            # A sibling that cannot be listed is a breaker itself: no walk of its own.
+            extra.update(d for d in children.get(parent, ()) if d != current and d in children)
+            current = parent
+    return Roots([root, *sorted(extra)], unreadable, links)
