@@ -97,7 +97,8 @@ class Outcome:
 
     Attributes:
         kind: ``ok``; ``vanished`` (24: files vanished meanwhile, fine, re-check them); ``skipped``
-            (23 caused only by unreadable source files, which are reported); ``delete_limit`` (25);
+            (23 caused only by unreadable source files, which are reported); ``delete_limit`` (25, or 23 because a
+            directory on the target is in the way of what replaced it and this run may not delete it);
             ``retry`` (network, protocol, partial transfer, disk full ...); ``fatal`` (usage errors,
             options the target refuses: retrying cannot help).
         reason: the ``reason`` metrics label.
@@ -248,7 +249,12 @@ def classify(returncode: int, stderr: str) -> Outcome:
         return Outcome("delete_limit", "delete_guard", msg)
     if returncode == 23:
         errors = [ln.strip() for ln in stderr.splitlines() if ln.startswith("rsync:")]
-        if errors and all(_SENDER_SKIP.match(e) or "some files/attrs were not transferred" in e for e in errors):
+        only_skips = all(_SENDER_SKIP.match(e) or "some files/attrs were not transferred" in e for e in errors)
+        if only_skips and ("could not make way for " in stderr or "Deletions stopped due to --max-delete" in stderr):
+            # Something on the target is in the way and removing it is a delete this run may not make (a
+            # send, or a full sync whose deletes were refused or are off): a counted full sync's to do.
+            return Outcome("delete_limit", "delete_guard", msg)
+        if errors and only_skips:
             return Outcome("skipped", "", msg)
         return Outcome("retry", "partial", msg)
     if returncode == 2 and ("invalid file mode" in stderr or "protocol incompatibility" in stderr):
@@ -451,11 +457,14 @@ class Rsync:
         """Send exactly the listed paths (NUL-separated on stdin); a path gone meanwhile is skipped."""
         # --ignore-times: every listed path did change. rsync's quick check compares whole seconds
         # (rrsync refuses the nanosecond --modify-window), so a same-size rewrite within the second
-        # the previous copy was made would otherwise be skipped. --force: a directory on the target that
-        # is a file now is replaced.
+        # the previous copy was made would otherwise be skipped. No --force, and --max-delete=0: a send never
+        # deletes. A directory on the target that the source replaced by a file or a link stays in the way
+        # ("could not make way", see classify): with --force, one changed path ("2019", moved away and
+        # written again as a file) deleted the whole directory below it, uncounted and past the delete
+        # guard. That delete is a full sync's to count and guard.
         args = [*self._common, *self.excludes.rsync_args(), "--from0", "--files-from=-", "--ignore-times"]
         args += self._itemized()
-        return [*args, "--ignore-missing-args", "--force", self.source, self.dest]
+        return [*args, "--ignore-missing-args", "--max-delete=0", self.source, self.dest]
 
     def remove_args(self, method: str, count_only: bool, max_delete: int = 0) -> list[str]:
         """Remove paths on the target: listed on stdin (:data:`MISSING_ARGS`, NUL-separated missing paths)

@@ -78,11 +78,13 @@ class Receiver:
 
 @dataclass(frozen=True)
 class Run:
-    """A run that ended well enough: its result, stats and outcome kind (ok, vanished, skipped, delete_limit)."""
+    """A run that ended well enough: its result, stats and outcome kind (ok, vanished, skipped, delete_limit),
+    and the outcome's one-line message (what rsync said, for the log)."""
 
     result: Result
     stats: Stats
     kind: str
+    message: str = ""
 
 
 class Transport:
@@ -225,4 +227,4 @@ class Transport:
             self.on_skipped(
                 [(p[len(prefix) :] if p.startswith(prefix) else p, why) for p, why in skipped_paths(result.stderr)]
             )
-        return Run(result, parse_stats(result.stdout), outcome.kind)
+        return Run(result, parse_stats(result.stdout), outcome.kind, outcome.message)

@@ -555,6 +555,11 @@ class Worker(threading.Thread):
             self._note(run.result.stdout)
             stats, seconds = run.stats, run.result.seconds
             whole = run.kind == "ok"
+            if run.kind == "delete_limit":
+                # A directory on the target is in the way of the file or link that replaced it: removing it
+                # (and everything below) is a delete to count and guard, which the full sync does.
+                with self._cond:
+                    self._pending.request_full("a directory on the target is in the way of what replaced it")
             if run.kind == "vanished":
                 # Files vanished between planning and sending: plan them again (they are deletes now).
                 with self._cond:
@@ -664,9 +669,17 @@ class Worker(threading.Thread):
         if refused:
             self._trip(refused)  # after the sending pass: everything else did reach the target
         seconds += run.result.seconds
-        if run.kind == "delete_limit":
+        if run.kind == "delete_limit" and allowed:
             with self._cond:
                 self._pending.request_full("more to delete than counted")
+        elif run.kind == "delete_limit":
+            # This run deleted nothing (SYNC_DELETE=false, or the guard refused): what is in the way stays, and
+            # asking again would only loop. The guard's refusal is reported on its own; say why for the rest.
+            log.warning(
+                "a directory on the target is in the way of what replaced it in the source, and deletes are "
+                + ("off (SYNC_DELETE=false)" if not delete else "refused by the delete guard"),
+                extra={"fields": {"target": self.name_label, "rsync": run.message}},
+            )
         self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
         self._checked_over = self.transport.link.starts
         if guard_ok:

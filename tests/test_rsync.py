@@ -26,6 +26,27 @@ from sidecar.rsync import MISSING_ARGS, RULES, Rsync, classify, parse_stats, rec
         (11, 'rsync: [receiver] write failed on "/t/x": No space left on device (28)', "retry", "disk_full"),
         (23, "rsync: write failed: No space left on device (28)", "retry", "disk_full"),
         (25, "Deletions stopped due to --max-delete limit (3 skipped)", "delete_limit", "delete_guard"),
+        (  # a send (--max-delete=0, no --force): a directory on the target where a file goes now
+            23,
+            "cannot delete non-empty directory: 2019\ncould not make way for new regular file: 2019\n"
+            "rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1394)",
+            "delete_limit",
+            "delete_guard",
+        ),
+        (
+            23,
+            "could not make way for new regular file: 2019\nDeletions stopped due to --max-delete limit (3 skipped)\n"
+            "rsync error: some files/attrs were not transferred (see previous errors) (code 23)",
+            "delete_limit",
+            "delete_guard",
+        ),
+        (  # in the way, and a real receiver error too: retried like any partial transfer
+            23,
+            "could not make way for new symlink: x\n"
+            'rsync: [receiver] mkstemp "/t/.y.AbC" failed: Permission denied (13)',
+            "retry",
+            "partial",
+        ),
         (12, "/usr/bin/rrsync error: Another instance of rrsync is already accessing this directory.", "retry", "busy"),
         (12, "/usr/bin/rrsync error: option --inplace has been disabled on this server.", "fatal", "rejected"),
         (12, "/usr/bin/rrsync error: Restricted directory does not exist!", "fatal", "target_path"),

@@ -210,6 +210,56 @@ def test_a_deleted_directory_counts_every_file_below_it(
     assert len(list((sshd.root / "2019").iterdir())) == 30
 
 
+def test_a_directory_replaced_by_a_file_is_a_counted_delete(
+    source: Path, sshd: SshServer, run_sidecar, workdir: Path
+) -> None:
+    # Regression: a directory moved away and a file written under its name is one changed path, planned as a
+    # send; the send's --force deleted the directory and all 30 files below it on the target to make way,
+    # uncounted and past the guard (and past SYNC_DELETE=false): one year of uploads per changed name.
+    (source / "2019").mkdir()
+    fill(source / "2019", 30)
+    (source / "small").mkdir()
+    fill(source / "small", 3)
+    fill(source, 400, "keep")
+    sidecar = run_sidecar(SYNC_MAX_DELETE="10")
+    full = lambda: sidecar.metric("upsync_syncs_total", kind="full")  # noqa: E731
+    # Within the limits the replacement goes through: counted by a batch (the move seen on its own) or by
+    # the full sync the send asks for (the move and the write seen together).
+    (source / "small").rename(workdir / "small-moved-away")
+    (source / "small").write_text("a file now")
+    wait_until(lambda: (sshd.root / "small").is_file(), 15, "small/ replaced by a file")
+    fulls = full()
+    # Over them, nothing is deleted.
+    (source / "2019").rename(workdir / "2019-moved-away")
+    (source / "2019").write_text("a file now")
+    wait_until(
+        lambda: full() > fulls or not (sshd.root / "2019").is_dir(), 15, "the full sync that counts the directory"
+    )
+    assert (sshd.root / "2019").is_dir(), "the directory was deleted on the target, uncounted"
+    target = not_ready(sidecar, "delete_guard")
+    assert "more than SYNC_MAX_DELETE=10" in target["message"]
+    assert len(list((sshd.root / "2019").iterdir())) == 30
+
+
+def test_with_deletes_off_a_directory_in_the_way_stays_and_nothing_loops(
+    source: Path, sshd: SshServer, run_sidecar, workdir: Path
+) -> None:
+    (source / "2019").mkdir()
+    fill(source / "2019", 5)
+    sidecar = run_sidecar(SYNC_DELETE="false")
+    full = lambda: sidecar.metric("upsync_syncs_total", kind="full")  # noqa: E731
+    (source / "2019").rename(workdir / "2019-moved-away")
+    (source / "2019").write_text("a file now")
+    wait_until(lambda: "deletes are off (SYNC_DELETE=false)" in sidecar.logs(), 15, "the reason in the log")
+    (source / "later.jpg").write_text("still replicating")
+    wait_until(lambda: (sshd.root / "later.jpg").exists(), 10, "a later upload")
+    fulls = full()
+    time.sleep(1.0)  # a window in which a loop of full syncs would show; none may start
+    assert full() == fulls == 2
+    assert len(list((sshd.root / "2019").iterdir())) == 5
+    sidecar.wait_ready(5)
+
+
 def test_plan_shows_and_approve_lets_the_next_full_sync_delete(source: Path, sshd: SshServer, run_sidecar) -> None:
     fill(source, 60)
     sidecar = run_sidecar()
