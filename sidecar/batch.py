@@ -31,6 +31,10 @@ class Snapshot:
     # The watcher batches it holds, exactly as handed over (None: it holds changes of its own, e.g. a retry).
     # Targets holding the same batches hold the same changes, so they can share one plan.
     batches: tuple[int, ...] | None = None
+    # A full sync stands in for every change dropped while it was pending: its view of the tree must be newer
+    # than the newest of them (monotonic time they were seen; infinity: not known). See SharedScan.get.
+    dropped_at: float = float("-inf")
+    newest: float = float("-inf")  # when the newest change in it was seen (inf: not known)
 
     def __bool__(self) -> bool:
         return self.full or bool(self.changes)
@@ -56,6 +60,8 @@ class Pending:
         self._seen_at: float | None = None
         self._batches: set[int] = set()
         self._private = False  # holds changes that are not exactly one watcher batch
+        self._newest: float = float("-inf")  # when the newest held change was seen (inf: not known)
+        self._dropped_at: float = float("-inf")  # the same for changes dropped for the pending full sync
         self.overflows = 0
 
     def __len__(self) -> int:
@@ -76,8 +82,14 @@ class Pending:
         """Add changes (watcher batch number ``batch``, or None for anything else); falls back to "full sync
         needed" once more than ``limit`` paths wait."""
         self._note_seen(seen_at)
+        if not changes:
+            return
+        seen = float("inf") if seen_at is None else seen_at
         if self._full:
-            return  # a full sync covers every path; keep no per-path state
+            # A full sync covers every path; keep no per-path state, only how recent what it stands for is.
+            self._dropped_at = max(self._dropped_at, seen)
+            return
+        self._newest = max(self._newest, seen)
         if batch is None:
             self._private = self._private or bool(changes)
         else:
@@ -93,6 +105,8 @@ class Pending:
         if not self._full:
             self._full_reason = reason
         self._full = True
+        if self._changes:
+            self._dropped_at = max(self._dropped_at, self._newest)
         self._changes = {}
 
     def take(self) -> Snapshot:
@@ -108,9 +122,12 @@ class Pending:
             True
         """
         batches = tuple(sorted(self._batches)) if self._batches and not self._private else None
-        snap = Snapshot(self._changes, self._full, self._full_reason, self._seen_at, batches)
+        snap = Snapshot(
+            self._changes, self._full, self._full_reason, self._seen_at, batches, self._dropped_at, self._newest
+        )
         self._changes, self._full, self._full_reason, self._seen_at = {}, False, "", None
         self._batches, self._private = set(), False
+        self._newest = self._dropped_at = float("-inf")
         return snap
 
     def restore(self, snap: Snapshot) -> None:
@@ -118,4 +135,10 @@ class Pending:
         target's own: it plans again (others keep the shared plan)."""
         if snap.full:
             self.request_full(snap.full_reason)
+            self._dropped_at = max(self._dropped_at, snap.dropped_at)
         self.merge(snap.changes, snap.seen_at)
+        if snap.changes:  # merge() took the oldest change's time for all of them
+            if self._full:
+                self._dropped_at = max(self._dropped_at, snap.newest)
+            else:
+                self._newest = max(self._newest, snap.newest)

@@ -94,7 +94,8 @@ class SharedScan:
     Args:
         root: the source.
         excludes: ``SYNC_EXCLUDE``.
-        reuse_s: a scan younger than this is reused. Changes made since reach the targets by batches.
+        reuse_s: a scan started less than this ago is reused. Changes made since reach the targets by batches,
+            unless a target dropped them for its full sync (see :meth:`get`).
     """
 
     def __init__(self, root: str, excludes: Excludes, reuse_s: float = 5.0) -> None:
@@ -105,11 +106,18 @@ class SharedScan:
         self._last: tuple[float, Scan] | None = None
         self.made = 0
 
-    def get(self) -> Scan:
+    def get(self, newer_than: float = float("-inf")) -> Scan:
+        """A scan started after ``newer_than`` (monotonic) and at most ``reuse_s`` old.
+
+        A target's full sync stands in for the changes its worker dropped while the full sync was pending
+        (``Snapshot.dropped_at``): a scan made before them could hide a name from the sender that is a
+        regular file again (and the receiver would delete it), so it is not reused for that target.
+        """
         with self._lock:
             now = time.monotonic()
-            if self._last is None or now - self._last[0] > self.reuse_s:
+            if self._last is None or now - self._last[0] > self.reuse_s or self._last[0] < newer_than:
+                started = time.monotonic()
                 scan = scan_tree(self.root, self.excludes)
                 self.made += 1
-                self._last = (time.monotonic(), scan)
+                self._last = (started, scan)
             return self._last[1]

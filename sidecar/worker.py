@@ -617,7 +617,7 @@ class Worker(threading.Thread):
     def _full_sync(self, snap: Snapshot) -> None:
         self._check_source()
         log.info("full sync", extra={"fields": {"target": self.name_label, "why": snap.full_reason}})
-        scan = self.scans.get()
+        scan = self.scans.get(newer_than=snap.dropped_at)
         self.report_skipped([(p, "unreadable") for p in scan.unreadable])
         self.report_skipped(scan.retract)
         delete = self.settings.delete

@@ -254,6 +254,57 @@ def test_pending_merges_and_bounds() -> None:
     assert snap.full and snap.changes == {} and "SYNC_MAX_PENDING" in snap.full_reason
 
 
+@pytest.mark.parametrize(
+    ("steps", "dropped_at"),
+    [
+        # (what happens, in order), then Snapshot.dropped_at of the full sync taken at the end
+        ([("full",), ("merge", 4.0)], 4.0),  # dropped while the full sync was pending
+        ([("merge", 3.0), ("merge", 1.0), ("full",)], 3.0),  # held changes dropped by the request: the newest
+        ([("full",), ("merge", None)], float("inf")),  # a change of unknown time: no scan is new enough
+        ([("full",)], float("-inf")),  # nothing dropped: any recent scan will do
+        ([("merge", 2.0), ("take",), ("full",)], float("-inf")),  # taken (and sent) before: not dropped
+        ([("full",), ("merge", 6.0), ("fail",)], 6.0),  # a failed full sync keeps what it stood for
+        ([("merge", 1.0), ("merge", 7.0), ("fail",), ("full",)], 7.0),  # a failed batch's newest change
+    ],
+)
+def test_a_full_sync_knows_the_newest_change_it_stands_for(steps: list[tuple], dropped_at: float) -> None:
+    # Review finding: changes dropped for a pending full sync were covered by a scan made before them.
+    p = Pending(limit=100)
+    n = 0
+    for step in steps:
+        if step[0] == "merge":
+            n += 1
+            p.merge({f"p{n}": MODIFIED}, step[1])
+        elif step[0] == "full":
+            p.request_full("test")
+        elif step[0] == "take":
+            p.take()
+        else:  # the attempt failed: what it took goes back
+            p.restore(p.take())
+    snap = p.take()
+    assert snap.full and snap.dropped_at == dropped_at
+
+
+def test_a_scan_older_than_a_dropped_change_is_not_reused(tmp_path: Path) -> None:
+    # Review finding: target A's scan saw "x" as a link out of the tree (retracted: hidden from the sender);
+    # "x" became an upload again; target B, whose full sync was pending, dropped that event and reused A's
+    # scan, and its receiver deleted the new file.
+    from sidecar.scan import SharedScan
+
+    (tmp_path / "x").symlink_to("/etc/passwd")
+    scans = SharedScan(str(tmp_path), Excludes(()), reuse_s=60)
+    first = scans.get()
+    assert [p for p, _ in first.retract] == ["x"]
+    assert scans.get() is first and scans.get(newer_than=time.monotonic() - 30) is first  # fresh enough
+    (tmp_path / "x").unlink()
+    (tmp_path / "x").write_text("an upload again")
+    seen = time.monotonic()  # when the watcher saw it
+    fresh = scans.get(newer_than=seen)
+    assert fresh is not first and fresh.retract == [] and scans.made == 2
+    assert scans.get(newer_than=seen) is fresh  # started after the change: shared from now on
+    assert scans.get(newer_than=float("inf")) is not fresh
+
+
 def test_names_past_path_max_are_reported_not_listed(tmp_path: Path) -> None:
     # rsync drops some of them silently (with ./-prefixed entries); the planner reports them instead.
     from tests.test_bad_input import DEEP_TOP, _nest
