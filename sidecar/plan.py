@@ -53,6 +53,7 @@ __all__ = [
     "make_plan",
     "open_for_writing",
     "parents",
+    "sent_whole",
     "stamp",
     "unchanged",
 ]
@@ -143,6 +144,23 @@ def unchanged(plan: Plan, delivered: Plan | None) -> set[str]:
         return set()
     before, settled = delivered.stamps, delivered.settled
     return {p for p, now in plan.stamps.items() if p in settled and before[p] == now}
+
+
+def sent_whole(plan: Plan, transferred: int) -> bool:
+    """Did rsync send every regular file ``plan`` lists? (``transferred``: its count of regular files sent.)
+
+    Sends run with ``--ignore-missing-args``: a listed file gone before rsync read it (its directory renamed
+    away and, maybe, back) is skipped without a word, exit 0. Such a plan did not reach the target whole, and
+    must not serve as ``delivered`` for :func:`unchanged`. With ``--ignore-times`` every listed regular file
+    is transferred, so a count short of the stamped files listed means one of them was not.
+
+    Example:
+        >>> p = Plan(send=["a", "b", "dir", "link"], stamps={"a": b"1", "b": b"1"})
+        >>> sent_whole(p, 2), sent_whole(p, 1)
+        (True, False)
+    """
+    stamps = plan.stamps
+    return transferred >= sum(1 for p in plan.send if p in stamps)
 
 
 def parents(path: str) -> Iterable[str]:

@@ -24,7 +24,7 @@ from .batch import MODIFIED, Pending, Snapshot
 from .guard import RECENT_S, GuardError, SourceGuard
 from .hooks import Changes, Hooks
 from .metrics import Metrics
-from .plan import Plan, SharedPlans, parents, unchanged
+from .plan import Plan, SharedPlans, parents, sent_whole, unchanged
 from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
 from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
 from .rsync import Stats
@@ -554,7 +554,7 @@ class Worker(threading.Thread):
             run = self.transport.send(plan.files_from())
             self._note(run.result.stdout)
             stats, seconds = run.stats, run.result.seconds
-            whole = run.kind == "ok"
+            whole = run.kind == "ok" and sent_whole(plan, run.stats.files)
             if run.kind == "delete_limit":
                 # A directory on the target is in the way of the file or link that replaced it: removing it
                 # (and everything below) is a delete to count and guard, which the full sync does.

@@ -305,6 +305,31 @@ def test_a_scan_older_than_a_dropped_change_is_not_reused(tmp_path: Path) -> Non
     assert scans.get(newer_than=float("inf")) is not fresh
 
 
+def test_a_plan_whose_files_vanished_before_rsync_read_them_did_not_arrive_whole(tmp_path: Path) -> None:
+    # Review finding: "a/" renamed away between planning and rsync's listing, then back: rsync skipped the
+    # listed files without a word (--ignore-missing-args, exit 0), the batch counted as delivered whole, and
+    # the next plan left a/f0 and a/f1 out as "already on the target" (a rename keeps their stamps).
+    from sidecar.plan import sent_whole
+    from sidecar.rsync import Rsync, classify, parse_stats
+
+    source, target = tmp_path / "src", tmp_path / "dst"
+    (source / "a").mkdir(parents=True)
+    target.mkdir()
+    for i in range(3):
+        (source / f"a/f{i}").write_text(str(i))
+    planned = plan({"a": ADDED}, source)
+    assert sorted(planned.stamps) == ["a/f0", "a/f1", "a/f2"]
+    rsync = Rsync(str(source), f"{target}/", "ssh", "", Excludes(()), 30)
+    (source / "a").rename(tmp_path / "away")
+    result = rsync.run(rsync.send_args(), planned.files_from(), sandboxed=False)
+    assert classify(result.returncode, result.stderr).kind == "ok"  # nothing said
+    assert not sent_whole(planned, parse_stats(result.stdout).files)
+    (tmp_path / "away").rename(source / "a")
+    result = rsync.run(rsync.send_args(), planned.files_from(), sandboxed=False)
+    assert sent_whole(planned, parse_stats(result.stdout).files)
+    assert sorted(p.name for p in (target / "a").iterdir()) == ["f0", "f1", "f2"]
+
+
 def test_names_past_path_max_are_reported_not_listed(tmp_path: Path) -> None:
     # rsync drops some of them silently (with ./-prefixed entries); the planner reports them instead.
     from tests.test_bad_input import DEEP_TOP, _nest
