@@ -16,24 +16,39 @@ breaker before it can cut: a directory is either in front of every breaker of it
 one of a breaker's ancestors, which is a walk of its own. Directories made later are walked by notify as
 they appear; :func:`breakers` tells the watcher when such a new directory holds a breaker (then the watch
 is made again with the new roots).
+
+Polling (notify's ``PollWatcher``) walks every root at every poll and reports an unreadable directory as an
+error each time, which makes watchfiles drop that poll's changes; following a link to ``/`` it would walk
+the whole file system every poll. So a polled tree that holds a breaker is polled directory by directory
+(``Roots.dirs``, not recursively): nothing is walked, nothing is followed, and a new directory is polled once
+the watcher has made its watch again.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Roots", "breakers", "watch_roots"]
 
 
 @dataclass(frozen=True)
 class Roots:
-    """What to watch: ``paths`` (the tree's root first), and the walk breakers found, for the log."""
+    """What to watch: ``paths`` (the tree's root first), every directory that can be listed (``dirs``, for
+    polling directory by directory), and the walk breakers found."""
 
     paths: list[str]
     unreadable: int = 0
     links: int = 0
+    dirs: list[str] = field(default_factory=list)
+    # Directories holding a symlink to a directory that cannot be opened: the poller fails on them every poll
+    # (walkdir opens a followed link's target to detect loops), so they are left out of ``dirs``.
+    unpollable: list[str] = field(default_factory=list)
+
+    @property
+    def breakers(self) -> int:
+        return self.unreadable + self.links
 
 
 def _scan(top: str) -> Iterator[tuple[str, list[str] | None, list[str]]]:
@@ -78,17 +93,20 @@ def watch_roots(root: str) -> Roots:
     """
     children: dict[str, list[str]] = {}
     broken: list[str] = []
+    unpollable: set[str] = set()
     unreadable = links = 0
     for directory, dirs, symlinks in _scan(root):
         if dirs is None:
             if directory == root:
-                return Roots([root])  # nothing can be watched; the watcher reports what watchfiles says
+                return Roots([root], dirs=[root])  # nothing can be watched; the watcher reports what watchfiles says
             broken.append(directory)
             unreadable += 1
             continue
         children[directory] = dirs
         broken.extend(symlinks)
         links += len(symlinks)
+        if any(not _opens(link) for link in symlinks):
+            unpollable.add(directory)
     extra: set[str] = set()
     for path in broken:
         current = path
@@ -97,4 +115,14 @@ def watch_roots(root: str) -> Roots:
             # A sibling that cannot be listed is a breaker itself: no walk of its own.
             extra.update(d for d in children.get(parent, ()) if d != current and d in children)
             current = parent
-    return Roots([root, *sorted(extra)], unreadable, links)
+    dirs = [d for d in children if d not in unpollable]
+    return Roots([root, *sorted(extra)], unreadable, links, dirs, sorted(unpollable))
+
+
+def _opens(path: str) -> bool:
+    """Can the directory a symlink points to be opened (as the poller's loop check does)?"""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True

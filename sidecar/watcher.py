@@ -71,6 +71,7 @@ class Why(enum.Enum):
     FAILED = "the watcher could not be started"
     ERROR = "watcher error"  # repeats (a name that is not UTF-8 fails every access): throttled
     BREAKER = "a new directory holds what the watcher's walk stops at"  # may repeat (a hostile tree): throttled
+    FLAT = "a new directory in a tree polled directory by directory"  # may repeat: throttled
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class Watcher(threading.Thread):
         self._deferred: str | None = None  # a request waiting for the cooldown
         self._reported: set[str] = set()  # watcher errors logged already (each bad name once)
         self._prefix = self.root + "/" if self.root != "/" else "/"
+        self._flat = False  # polling directory by directory (see sidecar/roots.py)
+        self._polled: frozenset[str] = frozenset()  # the directories then polled
 
     def stop(self) -> None:
         """Stop after handing over what is already seen (returns at once; join to wait)."""
@@ -258,7 +261,30 @@ class Watcher(threading.Thread):
             WatchfilesRustInternalError: watchfiles failed on a change it cannot report.
         """
         roots = watch_roots(self.root)
-        if len(roots.paths) > 1:
+        # Polling walks every root at every poll: past an unreadable directory it fails each time (and that
+        # poll's changes are dropped), through a link to / it walks everything. Then poll each directory alone.
+        self._flat = self.polling and roots.breakers > 0
+        self._polled = frozenset(roots.dirs) - {self.root} if self._flat else frozenset()
+        if self._flat:
+            log.warning(
+                "polling a tree that holds unreadable or symlinked directories: polling directory by directory; "
+                "a new directory is polled only after the watch is made again (a full sync follows, at most "
+                f"one every {FULL_SYNC_COOLDOWN_S:.0f} s)",
+                extra={
+                    "fields": {
+                        "unreadable_dirs": roots.unreadable,
+                        "symlinked_dirs": roots.links,
+                        "dirs": len(roots.dirs),
+                    }
+                },
+            )
+            for directory in roots.unpollable:
+                log.warning(
+                    "not polled: this directory holds a symlink to a directory that cannot be read, on which the "
+                    "poller fails; changes in it reach the targets by full syncs only (remove the link)",
+                    extra={"fields": {"path": directory[len(self._prefix) :] if directory != self.root else "."}},
+                )
+        elif len(roots.paths) > 1:
             log.info(
                 "the source holds directories the watcher's walk stops at; watching what follows them separately",
                 extra={
@@ -270,11 +296,11 @@ class Watcher(threading.Thread):
                 },
             )
         notify = RustNotify(
-            watch_paths=roots.paths,
+            watch_paths=roots.dirs if self._flat else roots.paths,
             debug=False,
             force_polling=self.polling,
             poll_delay_ms=self.poll_interval_ms,
-            recursive=True,
+            recursive=not self._flat,
             ignore_permission_denied=True,  # an unreadable directory is the planner's to report, not fatal
         )
         try:
@@ -289,7 +315,7 @@ class Watcher(threading.Thread):
         if lost:
             # Ask for the full sync only now that the new watch is in place, so it misses nothing.
             # Watcher errors repeat (every access to a name that is not UTF-8): those are throttled.
-            self._ask_full(str(lost), throttle=lost.why in (Why.ERROR, Why.BREAKER))
+            self._ask_full(str(lost), throttle=lost.why in (Why.ERROR, Why.BREAKER, Why.FLAT))
         checked = time.monotonic()
         # A step returns within its timeout plus one batch window; far longer means this process was
         # stopped or starved (SIGSTOP, a paused VM, CPU starvation): the kernel queue may have overflowed.
@@ -301,13 +327,18 @@ class Watcher(threading.Thread):
             )
             if time.monotonic() - called > stall_s and not self.polling:
                 self._ask_full(f"the watcher was stalled for {time.monotonic() - called:.1f} s; events may be lost")
-            root_gone, added = False, []
+            root_gone, added, polled_gone = False, [], False
             if isinstance(raw, set) and raw:  # else "timeout" (a quiet second), "stop" or "signal": none here
-                root_gone, added = self._dispatch(raw)
+                root_gone, added, polled_gone = self._dispatch(raw)
             if self._stopping.is_set():
                 raise _Stop
             if self._deferred and time.monotonic() - self._last_full >= FULL_SYNC_COOLDOWN_S:
                 self._ask_full(self._deferred)
+            if added and self._flat and (new := self._new_dirs(added)):
+                return Lost(Why.FLAT, new[0][len(self._prefix) :])
+            if polled_gone:
+                # notify would report the missing directory as deleted at every poll: poll without it.
+                return Lost(Why.FLAT, "a polled directory was removed")
             if added and not self.polling:
                 if watch_limit_reached(self.root):
                     return Lost(Why.LIMIT)
@@ -331,25 +362,33 @@ class Watcher(threading.Thread):
                     )
                     return Lost(Why.REPLACED)
 
-    def _new_breakers(self, added: list[str]) -> list[str]:
-        """Walk breakers in the directories among ``added`` (absolute paths), relative to the root."""
+    @staticmethod
+    def _new_dirs(added: list[str]) -> list[str]:
+        """The directories among ``added`` (absolute paths; a symlink is not one)."""
         found = []
         for path in added:
             try:
-                if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    continue
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    found.append(path)
             except OSError:
                 continue  # gone again
+        return found
+
+    def _new_breakers(self, added: list[str]) -> list[str]:
+        """Walk breakers in the directories among ``added`` (absolute paths), relative to the root."""
+        found = []
+        for path in self._new_dirs(added):
             # A new directory that cannot be listed cuts no walk but its own, in which nothing can be watched.
             found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path)
         return found
 
-    def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str]]:
-        """Hand a batch over; returns (the source directory itself was deleted or moved, the paths added)."""
+    def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str], bool]:
+        """Hand a batch over; returns (the source directory itself was deleted or moved, the paths added, a
+        directory polled on its own is gone)."""
         seen_at = time.monotonic()
         changes: dict[str, int] = {}
         prefix, cut = self._prefix, len(self._prefix)
-        root_gone = False
+        root_gone = polled_gone = False
         added = []
         for change, path in raw:
             if path.startswith(prefix):
@@ -357,6 +396,8 @@ class Watcher(threading.Thread):
                 flag = _FLAGS.get(change, MODIFIED)
                 if flag == ADDED:
                     added.append(path)
+                elif flag == DELETED and path in self._polled:
+                    polled_gone = True
                 changes[rel] = changes.get(rel, 0) | flag
             elif path == self.root and change != Change.modified.value:
                 root_gone = True
@@ -371,4 +412,4 @@ class Watcher(threading.Thread):
             if burst >= self._threshold:
                 recent.clear()  # one full sync per burst
                 self._ask_full(f"{burst} changes within a second may have overflowed the kernel's inotify queue")
-        return root_gone, added
+        return root_gone, added, polled_gone

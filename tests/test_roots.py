@@ -60,11 +60,25 @@ def test_an_unreadable_directory_is_no_walk_of_its_own(tmp_path: Path, unreadabl
     # private's own children cannot be seen; lost+found and private are not walks (they would fail).
     assert rel(tmp_path, found.paths) == [".", "2024", "2025"]
     assert (found.unreadable, found.links) == (2, 0)
+    # Polled directory by directory: every directory that can be listed, and nothing below the others.
+    assert sorted(rel(tmp_path, found.dirs)) == [".", "2024", "2024/01", "2025"] and found.unpollable == []
 
 
-def test_an_unreadable_root_is_left_to_the_watcher(tmp_path: Path, unreadable: set[str]) -> None:
-    unreadable.add(str(tmp_path))
-    assert watch_roots(str(tmp_path)).paths == [str(tmp_path)]
+def test_a_link_to_a_directory_that_cannot_be_opened_leaves_its_directory_out_of_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # notify's poller opens a followed link's target (walkdir's loop check) and fails on it at every poll.
+    for d in ("a", "b/c", "private"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "b/to-a").symlink_to(tmp_path / "a")  # opens: polled as usual
+    (tmp_path / "b/c/gone").symlink_to(tmp_path / "nowhere")  # dangling: not a directory, not a breaker
+    (tmp_path / "b/c/blocked").symlink_to(tmp_path / "private")  # as if private were another owner's 0700
+    real = roots._opens
+    monkeypatch.setattr(roots, "_opens", lambda path: not path.endswith("/blocked") and real(path))
+    found = watch_roots(str(tmp_path))
+    assert rel(tmp_path, found.unpollable) == ["b/c"]
+    assert sorted(rel(tmp_path, found.dirs)) == [".", "a", "b", "private"]
+    assert (found.unreadable, found.links) == (0, 2)
 
 
 def _notify_walks(tree: dict[str, list[str]], broken: set[str], paths: list[str], rng: random.Random) -> set[str]:
