@@ -89,8 +89,10 @@ def breakers(top: str) -> list[str]:
 def watch_roots(root: str) -> Roots:
     """The paths to hand watchfiles (recursively) so that every readable directory below ``root`` is watched.
 
-    Without breakers that is ``[root]`` alone: one walk, as before.
+    Without breakers that is ``[root]`` alone: one walk, as before. Linear in the tree's directories, however
+    many breakers it holds.
     """
+    root = os.path.normpath(root)
     children: dict[str, list[str]] = {}
     broken: list[str] = []
     unpollable: set[str] = set()
@@ -107,16 +109,36 @@ def watch_roots(root: str) -> Roots:
         links += len(symlinks)
         if any(not _opens(link) for link in symlinks):
             unpollable.add(directory)
-    extra: set[str] = set()
+    # For each directory above a breaker, its children on the way to breakers ("chain children").
+    chains: dict[str, set[str]] = {}
     for path in broken:
         current = path
         while current != root:
             parent = os.path.dirname(current)
-            # A sibling that cannot be listed is a breaker itself: no walk of its own.
-            extra.update(d for d in children.get(parent, ()) if d != current and d in children)
+            via = chains.setdefault(parent, set())
+            if current in via:
+                break  # this chain is recorded from here up
+            via.add(current)
             current = parent
-    dirs = [d for d in children if d not in unpollable]
-    return Roots([root, *sorted(extra)], unreadable, links, dirs, sorted(unpollable))
+    extra: set[str] = set()
+    for parent, via in chains.items():
+        # One chain child: the walk that reaches this directory reaches it too (every breaker below the
+        # directory is in it), so only its siblings need walks of their own. More: any of them may come first
+        # in directory order and cut the walk, so each gets a walk of its own.
+        kids = children.get(parent, ())
+        extra.update(d for d in kids if d in children and (len(via) > 1 or d not in via))
+    # watchfiles takes paths as str and cannot hand a name that is not UTF-8 to notify (it would raise); such a
+    # directory is reported by the planner and covered by full syncs.
+    dirs = [d for d in children if d not in unpollable and _utf8(d)]
+    return Roots([root, *sorted(d for d in extra if _utf8(d))], unreadable, links, dirs, sorted(unpollable))
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _opens(path: str) -> bool:

@@ -85,6 +85,23 @@ class Lost:
         return f"{self.why.value}: {self.detail}" if self.detail else self.why.value
 
 
+def _parents(path: str, root: str) -> list[str]:
+    """The directories between ``root`` (excluded) and ``path`` (excluded)."""
+    out = []
+    current = os.path.dirname(path)
+    while len(current) > len(root):
+        out.append(current)
+        current = os.path.dirname(current)
+    return out
+
+
+def _is_dir_link(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode) and os.path.isdir(path)
+    except OSError:
+        return False
+
+
 class _Stop(Exception):
     """The watch ended because the watcher was asked to stop."""
 
@@ -217,6 +234,13 @@ class Watcher(threading.Thread):
                 lost = self._watch(identity, lost)
             except _Stop:
                 return
+            except UnicodeError as exc:
+                # A watch path watchfiles cannot take (roots.py leaves names that are not UTF-8 out; this is the
+                # safety net): never a reason to stop replicating.
+                log.error("cannot watch the source; retrying", extra={"fields": {"error": str(exc)}})
+                lost = lost or Lost(Why.FAILED, str(exc))
+                self._stopping.wait(1.0)
+                continue
             except OSError as exc:
                 # watchfiles says only in its message that the OS limit of watches was hit at start.
                 if "watch limit" in str(exc) and not self.polling:
@@ -336,6 +360,13 @@ class Watcher(threading.Thread):
                 self._ask_full(self._deferred)
             if added and self._flat and (new := self._new_dirs(added)):
                 return Lost(Why.FLAT, new[0][len(self._prefix) :])
+            if added and self.polling and not self._flat and (found := self._new_breakers(added)):
+                log.warning(
+                    "polling, and a new directory cannot be listed or a new symlink points to a directory; "
+                    "polling directory by directory from now on, a full sync follows",
+                    extra={"fields": {"paths": ", ".join(found[:3])}},
+                )
+                return Lost(Why.FLAT, found[0])
             if polled_gone:
                 # notify would report the missing directory as deleted at every poll: poll without it.
                 return Lost(Why.FLAT, "a polled directory was removed")
@@ -375,11 +406,19 @@ class Watcher(threading.Thread):
         return found
 
     def _new_breakers(self, added: list[str]) -> list[str]:
-        """Walk breakers in the directories among ``added`` (absolute paths), relative to the root."""
+        """Walk breakers in the directories among ``added`` (absolute paths), relative to the root. Polling,
+        also a new directory that cannot be listed and a new symlink to a directory (the poller walks both at
+        every poll; inotify walks neither after the start)."""
+        new = self._new_dirs(added)
+        tops = set(new)
         found = []
-        for path in self._new_dirs(added):
+        for path in new:
+            if any(parent in tops for parent in _parents(path, self.root)):
+                continue  # scanned with its new parent (a tree copied in: each directory once, not per level)
             # A new directory that cannot be listed cuts no walk but its own, in which nothing can be watched.
-            found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path)
+            found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path or self.polling)
+        if self.polling:
+            found.extend(p[len(self._prefix) :] for p in added if p not in tops and _is_dir_link(p))
         return found
 
     def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str], bool]:

@@ -81,6 +81,25 @@ def test_a_link_to_a_directory_that_cannot_be_opened_leaves_its_directory_out_of
     assert (found.unreadable, found.links) == (0, 2)
 
 
+def test_names_watchfiles_cannot_take_are_no_walks_of_their_own(tmp_path: Path) -> None:
+    # Review finding: a directory whose name is not UTF-8 next to a breaker became a watch path, and
+    # RustNotify raised UnicodeEncodeError: the watcher died and the daemon stopped, at every start.
+    (tmp_path / "ok").mkdir()
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"caf\xe9", b"inner"))
+    (tmp_path / "link").symlink_to("/")
+    found = watch_roots(str(tmp_path) + "/")  # a trailing slash, too: it used to loop forever
+    assert rel(tmp_path, found.paths) == [".", "ok"]
+    assert sorted(rel(tmp_path, found.dirs)) == [".", "ok"]
+    for path in (*found.paths, *found.dirs):
+        path.encode("utf-8")
+
+
+def test_an_unreadable_root_is_left_to_the_watcher(tmp_path: Path, unreadable: set[str]) -> None:
+    unreadable.add(str(tmp_path))
+    assert watch_roots(str(tmp_path)).paths == [str(tmp_path)]
+
+
 def _notify_walks(tree: dict[str, list[str]], broken: set[str], paths: list[str], rng: random.Random) -> set[str]:
     """What notify 8.0 watches: each path walked depth first, children in any order, each walk ending at its
     first breaker (an error from one path does not stop the next path's walk)."""
@@ -98,7 +117,7 @@ def _notify_walks(tree: dict[str, list[str]], broken: set[str], paths: list[str]
     return watched
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(100))
 def test_every_readable_directory_is_watched_whatever_the_walk_order(
     tmp_path: Path, unreadable: set[str], seed: int
 ) -> None:

@@ -147,3 +147,35 @@ def test_overflow_threshold_reads_the_kernel_setting(tmp_path: Path) -> None:
     f.write_text("16\n")
     assert overflow_threshold(str(f)) == 64
     assert overflow_threshold(str(tmp_path / "missing")) == 16384
+
+
+def test_polling_a_tree_that_gains_a_link_to_a_directory_polls_directory_by_directory(tmp_path: Path) -> None:
+    # Review finding: the poller walks every root at every poll and follows links: a link made later (to /, to
+    # another volume) would have been walked whole at every poll. The watch is made again, directory by
+    # directory. (A link into a place the poller fails on restarts the watch anyway; this one it walks fine.)
+    source, outside = tmp_path / "src", tmp_path / "elsewhere"
+    (source / "2026").mkdir(parents=True)
+    (outside / "a/b").mkdir(parents=True)
+    rec = Recorder()
+    w = Watcher(
+        str(source),
+        quiet_ms=20,
+        max_delay_ms=300,
+        backend="poll",
+        poll_interval_ms=100,
+        on_batch=rec.on_batch,
+        on_lost=rec.lost.append,
+        on_fatal=rec.fatal.append,
+    )
+    w.start()
+    try:
+        assert w.started.wait(5)
+        (source / "elsewhere").symlink_to(outside)
+        wait_until(lambda: w._flat, 10, "polling directory by directory")
+        assert "polled directory by directory" in rec.lost[0]
+        (source / "2026/a.jpg").write_text("a")
+        wait_until(lambda: "2026/a.jpg" in rec.seen(1), 10, "a change below, polled on its own")
+        assert not rec.fatal
+    finally:
+        w.stop()
+        w.join(5)
