@@ -100,13 +100,17 @@ class Pending:
             self.overflows += 1
             self.request_full(f"more than {self.limit} changed paths waiting (SYNC_MAX_PENDING)")
 
-    def request_full(self, reason: str) -> None:
-        """Ask for a full sync; per-path entries are dropped (the full sync covers them)."""
+    def request_full(self, reason: str, at: float | None = None) -> None:
+        """Ask for a full sync; per-path entries are dropped (the full sync covers them). ``at``: the full sync
+        stands for changes seen up to then that reach no target otherwise (events the watcher lost, what an
+        operator just did): its view of the tree must be newer (see ``Snapshot.dropped_at``)."""
         if not self._full:
             self._full_reason = reason
         self._full = True
         if self._changes:
             self._dropped_at = max(self._dropped_at, self._newest)
+        if at is not None:
+            self._dropped_at = max(self._dropped_at, at)
         self._changes = {}
 
     def take(self) -> Snapshot:

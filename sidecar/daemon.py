@@ -301,9 +301,11 @@ class Daemon:
             return list(self.workers.values())
 
     def reconcile(self, reason: str) -> None:
-        """Ask every target for a full sync now."""
+        """Ask every target for a full sync now, of the tree as it is from now on (events may have been lost, or
+        an operator asks): no scan made before may serve it."""
+        at = time.monotonic()
         for worker in self._workers():
-            worker.request_full(reason)
+            worker.request_full(reason, at)
 
     def retry_fatal(self, why: str) -> list[str]:
         """Try the targets that needed the operator again; returns their names."""

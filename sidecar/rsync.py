@@ -41,6 +41,8 @@ __all__ = [
     "Slots",
     "Stats",
     "classify",
+    "in_the_way",
+    "over_delete_limit",
     "parse_itemized",
     "parse_stats",
     "receiver_version",
@@ -250,7 +252,7 @@ def classify(returncode: int, stderr: str) -> Outcome:
     if returncode == 23:
         errors = [ln.strip() for ln in stderr.splitlines() if ln.startswith("rsync:")]
         only_skips = all(_SENDER_SKIP.match(e) or "some files/attrs were not transferred" in e for e in errors)
-        if only_skips and ("could not make way for " in stderr or "Deletions stopped due to --max-delete" in stderr):
+        if only_skips and (in_the_way(stderr) or over_delete_limit(stderr)):
             # Something on the target is in the way and removing it is a delete this run may not make (a
             # send, or a full sync whose deletes were refused or are off): a counted full sync's to do.
             return Outcome("delete_limit", "delete_guard", msg)
@@ -282,6 +284,27 @@ def classify(returncode: int, stderr: str) -> Outcome:
     if any(word in stderr for word in _NETWORK) or returncode in (5, 10, 12, 255):
         return Outcome("retry", "network", msg or f"rsync exited {returncode}")
     return Outcome("retry", "error", msg or f"rsync exited {returncode}")
+
+
+_IN_THE_WAY = re.compile(r"^could not make way for (?:new )?[a-z ]+?: (.+)$", re.MULTILINE)
+_DELETE_LIMIT = "Deletions stopped due to --max-delete limit"
+
+
+def in_the_way(stderr: str) -> list[str]:
+    """Paths rsync could not place because something on the target is in the way that this run may not delete
+    (a directory where a file or link goes now).
+
+    Example:
+        >>> in_the_way("cannot delete non-empty directory: 2019\\ncould not make way for new regular file: 2019\\n"
+        ...            "could not make way for new symlink: a b/c\\nrsync error: some files/attrs were not transferred")
+        ['2019', 'a b/c']
+    """
+    return _IN_THE_WAY.findall(stderr)
+
+
+def over_delete_limit(stderr: str) -> bool:
+    """rsync stopped deleting at ``--max-delete`` (more to delete than the run was allowed)."""
+    return _DELETE_LIMIT in stderr
 
 
 def deletions_skipped(stderr: str) -> bool:
@@ -457,8 +480,9 @@ class Rsync:
         """Send exactly the listed paths (NUL-separated on stdin); a path gone meanwhile is skipped."""
         # --ignore-times: every listed path did change. rsync's quick check compares whole seconds
         # (rrsync refuses the nanosecond --modify-window), so a same-size rewrite within the second
-        # the previous copy was made would otherwise be skipped. No --force, and --max-delete=0: a send never
-        # deletes. A directory on the target that the source replaced by a file or a link stays in the way
+        # the previous copy was made would otherwise be skipped. No --force, and --max-delete=0: a send deletes
+        # nothing that holds files (it still replaces one file, link or empty directory by what took its name,
+        # as any copy does). A directory on the target that the source replaced by a file or a link stays in the way
         # ("could not make way", see classify): with --force, one changed path ("2019", moved away and
         # written again as a file) deleted the whole directory below it, uncounted and past the delete
         # guard. That delete is a full sync's to count and guard.

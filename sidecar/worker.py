@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .plan import Plan, SharedPlans, parents, sent_whole, unchanged
 from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
 from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
-from .rsync import Stats
+from .rsync import Stats, in_the_way, over_delete_limit
 from .scan import SharedScan
 from .transport import TransferError, Transport
 
@@ -154,6 +154,8 @@ class Worker(threading.Thread):
         # may have reached a node rebuilt empty (or restored from a backup) behind the same address while
         # nothing failed: that batch is followed by a full sync.
         self._checked_over = 0
+        # Paths the last full sync could not place: a directory on the target in their way that it may not delete.
+        self._in_the_way: set[str] = set()
         self.result: bool | None = None  # once mode: did the full sync succeed
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -176,17 +178,18 @@ class Worker(threading.Thread):
             self._cond.notify()
         self.metrics.pending.labels(self.name_label).set(len(self._pending))
 
-    def request_full(self, reason: str) -> None:
-        """Ask for a full sync (reconcile) as soon as possible."""
+    def request_full(self, reason: str, at: float | None = None) -> None:
+        """Ask for a full sync (reconcile) as soon as possible. ``at`` (monotonic): it stands for changes seen
+        up to then that no batch carries (events the watcher lost): no scan made before may serve it."""
         with self._cond:
-            self._pending.request_full(reason)
+            self._pending.request_full(reason, at)
             self._cond.notify()
 
     def approve(self, deletes: int) -> None:
         """Let the next full sync delete up to ``deletes`` paths (once), and start it now."""
         with self._cond:
             self._approved = deletes
-            self._pending.request_full(f"operator approved up to {deletes} deletes")
+            self._pending.request_full(f"operator approved up to {deletes} deletes", time.monotonic())
             self._cond.notify()
 
     def retry_fatal(self, why: str) -> bool:
@@ -535,7 +538,7 @@ class Worker(threading.Thread):
         plan = self.plans.get(snap.batches, snap.changes)
         if plan.too_many:
             with self._cond:
-                self._pending.request_full("a new directory holds more than SYNC_MAX_PENDING paths")
+                self._pending.request_full("a new directory holds more than SYNC_MAX_PENDING paths", snap.newest)
             return
         self.report_skipped(plan.skipped)
         self._forget_busy(plan)
@@ -544,7 +547,8 @@ class Worker(threading.Thread):
             # A burst into a new directory: the directory's walk sent these, their own events came later.
             plan.send = [p for p in plan.send if p not in held]
             self.metrics.unchanged.labels(self.name_label).inc(len(held))
-        plan.send += self._hold_busy(plan.busy, now)
+        overdue = self._hold_busy(plan.busy, now)
+        plan.send += overdue
         removals = bool(plan.delete or plan.retract) and self.settings.delete
         if not plan.send and not removals:
             self._delivered = delivered  # the target is as it was
@@ -554,10 +558,14 @@ class Worker(threading.Thread):
             run = self.transport.send(plan.files_from())
             self._note(run.result.stdout)
             stats, seconds = run.stats, run.result.seconds
-            whole = run.kind == "ok" and sent_whole(plan, run.stats.files)
-            if run.kind == "delete_limit":
+            # Overdue files are sent unstamped: rsync's count would then hide a stamped one that vanished.
+            whole = run.kind == "ok" and not overdue and sent_whole(plan, run.stats.files)
+            blocked = set(in_the_way(run.result.stderr)) if run.kind == "delete_limit" else set()
+            if run.kind == "delete_limit" and (not blocked or not blocked <= self._in_the_way):
                 # A directory on the target is in the way of the file or link that replaced it: removing it
-                # (and everything below) is a delete to count and guard, which the full sync does.
+                # (and everything below) is a delete to count and guard, which the full sync does. Not again
+                # for a path the last full sync could not clear either (deletes off or refused, or something
+                # kept below it): a plugin rewriting that file must not cost a full sync per write.
                 with self._cond:
                     self._pending.request_full("a directory on the target is in the way of what replaced it")
             if run.kind == "vanished":
@@ -669,17 +677,26 @@ class Worker(threading.Thread):
         if refused:
             self._trip(refused)  # after the sending pass: everything else did reach the target
         seconds += run.result.seconds
-        if run.kind == "delete_limit" and allowed:
+        stuck = set(in_the_way(run.result.stderr)) if run.kind == "delete_limit" else set()
+        if run.kind == "delete_limit" and allowed and over_delete_limit(run.result.stderr):
             with self._cond:
                 self._pending.request_full("more to delete than counted")
-        elif run.kind == "delete_limit":
-            # This run deleted nothing (SYNC_DELETE=false, or the guard refused): what is in the way stays, and
-            # asking again would only loop. The guard's refusal is reported on its own; say why for the rest.
-            log.warning(
-                "a directory on the target is in the way of what replaced it in the source, and deletes are "
-                + ("off (SYNC_DELETE=false)" if not delete else "refused by the delete guard"),
-                extra={"fields": {"target": self.name_label, "rsync": run.message}},
+        if stuck and stuck != self._in_the_way:
+            # What is in the way stays, and asking again would only loop: said once, until it changes.
+            why = (
+                "deletes are off (SYNC_DELETE=false)"
+                if not delete
+                else "the delete guard refused this sync's deletes"
+                if refused
+                else "the target keeps something below it that is never deleted (an excluded path)"
             )
+            log.warning(
+                "a directory on the target is in the way of what replaced it in the source and stays: " + why,
+                extra={
+                    "fields": {"target": self.name_label, "paths": ", ".join(sorted(stuck)[:3]), "count": len(stuck)}
+                },
+            )
+        self._in_the_way = stuck
         self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
         self._checked_over = self.transport.link.starts
         if guard_ok:

@@ -265,6 +265,8 @@ def test_pending_merges_and_bounds() -> None:
         ([("merge", 2.0), ("take",), ("full",)], float("-inf")),  # taken (and sent) before: not dropped
         ([("full",), ("merge", 6.0), ("fail",)], 6.0),  # a failed full sync keeps what it stood for
         ([("merge", 1.0), ("merge", 7.0), ("fail",), ("full",)], 7.0),  # a failed batch's newest change
+        ([("full", 9.0)], 9.0),  # the watcher lost events before 9.0 (review finding: no time was kept)
+        ([("merge", 3.0), ("full", 2.0)], 3.0),
     ],
 )
 def test_a_full_sync_knows_the_newest_change_it_stands_for(steps: list[tuple], dropped_at: float) -> None:
@@ -276,7 +278,7 @@ def test_a_full_sync_knows_the_newest_change_it_stands_for(steps: list[tuple], d
             n += 1
             p.merge({f"p{n}": MODIFIED}, step[1])
         elif step[0] == "full":
-            p.request_full("test")
+            p.request_full("test", *step[1:])
         elif step[0] == "take":
             p.take()
         else:  # the attempt failed: what it took goes back
