@@ -95,6 +95,16 @@ def _parents(path: str, root: str) -> list[str]:
     return out
 
 
+def _listing_changes(
+    before: dict[str, tuple[int, int, int, int]], after: dict[str, tuple[int, int, int, int]]
+) -> set[tuple[int, str]]:
+    """Two listings' difference, as watchfiles reports changes: {(Change value, path)}."""
+    changes = {(Change.added.value, p) for p in after.keys() - before.keys()}
+    changes |= {(Change.deleted.value, p) for p in before.keys() - after.keys()}
+    changes |= {(Change.modified.value, p) for p, v in after.items() if p in before and before[p] != v}
+    return changes
+
+
 def _is_dir_link(path: str) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode) and os.path.isdir(path)
@@ -184,6 +194,7 @@ class Watcher(threading.Thread):
         self._prefix = self.root + "/" if self.root != "/" else "/"
         self._flat = False  # polling directory by directory (see sidecar/roots.py)
         self._polled: frozenset[str] = frozenset()  # the directories then polled
+        self._unpollable: list[str] = []  # directories then listed by this thread instead (see roots.Roots)
 
     def stop(self) -> None:
         """Stop after handing over what is already seen (returns at once; join to wait)."""
@@ -288,7 +299,8 @@ class Watcher(threading.Thread):
         # Polling walks every root at every poll: past an unreadable directory it fails each time (and that
         # poll's changes are dropped), through a link to / it walks everything. Then poll each directory alone.
         self._flat = self.polling and roots.breakers > 0
-        self._polled = frozenset(roots.dirs) - {self.root} if self._flat else frozenset()
+        self._polled = frozenset([*roots.dirs, *roots.unpollable]) - {self.root} if self._flat else frozenset()
+        self._unpollable = roots.unpollable if self._flat else []
         if self._flat:
             log.warning(
                 "polling a tree that holds unreadable or symlinked directories: polling directory by directory; "
@@ -304,8 +316,8 @@ class Watcher(threading.Thread):
             )
             for directory in roots.unpollable:
                 log.warning(
-                    "not polled: this directory holds a symlink to a directory that cannot be read, on which the "
-                    "poller fails; changes in it reach the targets by full syncs only (remove the link)",
+                    "listed by upsync itself, not by the poller: this directory holds a symlink to a directory "
+                    "that cannot be read, on which the poller fails (remove the link)",
                     extra={"fields": {"path": directory[len(self._prefix) :] if directory != self.root else "."}},
                 )
         elif len(roots.paths) > 1:
@@ -335,6 +347,8 @@ class Watcher(threading.Thread):
     def _consume(self, notify: RustNotify, identity: tuple[int, int], lost: Lost | None) -> Lost | None:
         if not self.polling and watch_limit_reached(self.root):
             return Lost(Why.LIMIT, "watches could not be placed on every directory at start")
+        listing = self._list_unpollable()
+        listed_at = time.monotonic()
         self.started.set()
         if lost:
             # Ask for the full sync only now that the new watch is in place, so it misses nothing.
@@ -352,6 +366,9 @@ class Watcher(threading.Thread):
             if time.monotonic() - called > stall_s and not self.polling:
                 self._ask_full(f"the watcher was stalled for {time.monotonic() - called:.1f} s; events may be lost")
             root_gone, added, polled_gone = False, [], False
+            if self._unpollable and time.monotonic() - listed_at >= self.poll_interval_ms / 1000:
+                before, listing, listed_at = listing, self._list_unpollable(), time.monotonic()
+                raw = (raw if isinstance(raw, set) else set()) | _listing_changes(before, listing)
             if isinstance(raw, set) and raw:  # else "timeout" (a quiet second), "stop" or "signal": none here
                 root_gone, added, polled_gone = self._dispatch(raw)
             if self._stopping.is_set():
@@ -392,6 +409,22 @@ class Watcher(threading.Thread):
                         extra={"fields": {"source": self.root}},
                     )
                     return Lost(Why.REPLACED)
+
+    def _list_unpollable(self) -> dict[str, tuple[int, int, int, int]]:
+        """What the directories the poller cannot take hold: {path: (inode, size, mtime, ctime)}."""
+        found: dict[str, tuple[int, int, int, int]] = {}
+        for directory in self._unpollable:
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        found[entry.path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except OSError:
+                continue  # gone or unreadable now: the next watch reports it
+        return found
 
     @staticmethod
     def _new_dirs(added: list[str]) -> list[str]:

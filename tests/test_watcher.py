@@ -179,3 +179,17 @@ def test_polling_a_tree_that_gains_a_link_to_a_directory_polls_directory_by_dire
     finally:
         w.stop()
         w.join(5)
+
+
+def test_listing_changes_reads_like_watchfiles() -> None:
+    from watchfiles import Change
+
+    from sidecar.watcher import _listing_changes
+
+    before = {"/s/a": (1, 10, 5, 5), "/s/b": (2, 10, 5, 5), "/s/c": (3, 10, 5, 5)}
+    after = {"/s/a": (1, 10, 5, 5), "/s/b": (2, 11, 6, 6), "/s/d": (4, 1, 7, 7)}
+    assert _listing_changes(before, after) == {
+        (Change.modified.value, "/s/b"),
+        (Change.deleted.value, "/s/c"),
+        (Change.added.value, "/s/d"),
+    }
