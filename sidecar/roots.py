@@ -27,6 +27,7 @@ the watcher has made its watch again.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -45,41 +46,54 @@ class Roots:
     # Directories holding a symlink to a directory that cannot be opened: the poller fails on them every poll
     # (walkdir opens a followed link's target to detect loops), so they are left out of ``dirs``.
     unpollable: list[str] = field(default_factory=list)
+    bad_links: int = 0
 
     @property
     def breakers(self) -> int:
-        return self.unreadable + self.links
+        """What polling cannot walk recursively: the walk breakers, and symlinks whose target cannot be
+        reached (the poller reports a loop as an error and a dangling link as deleted, at every poll)."""
+        return self.unreadable + self.links + self.bad_links
 
 
-def _scan(top: str) -> Iterator[tuple[str, list[str] | None, list[str]]]:
+def _scan(top: str) -> Iterator[tuple[str, list[str] | None, list[str], list[str]]]:
     """Every real directory below ``top`` (``top`` included), depth first: (directory, its real child
-    directories or None if it cannot be listed, its symlinks to directories)."""
+    directories or None if it cannot be listed, its symlinks to directories, its symlinks whose target cannot
+    be reached: dangling, a loop, a place that cannot be searched)."""
     stack = [top]
     while stack:
         directory = stack.pop()
         dirs: list[str] = []
         links: list[str] = []
+        bad: list[str] = []
         try:
             with os.scandir(directory) as entries:
                 for entry in entries:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             dirs.append(entry.path)
-                        elif entry.is_symlink() and entry.is_dir():  # follows the link: notify does too
-                            links.append(entry.path)
+                            continue
+                        if not entry.is_symlink():
+                            continue
                     except OSError:
-                        continue  # gone meanwhile, or a link into a place we cannot stat: nothing to walk
+                        continue  # gone meanwhile
+                    try:
+                        target = os.stat(entry.path)  # follows the link: notify does too
+                    except OSError:
+                        bad.append(entry.path)
+                        continue
+                    if stat.S_ISDIR(target.st_mode):
+                        links.append(entry.path)
         except OSError:
-            yield directory, None, []
+            yield directory, None, [], []
             continue
-        yield directory, dirs, links
+        yield directory, dirs, links, bad
         stack.extend(dirs)
 
 
 def breakers(top: str) -> list[str]:
     """The walk breakers at or below ``top``: directories that cannot be listed, symlinks to directories."""
     found: list[str] = []
-    for directory, dirs, links in _scan(top):
+    for directory, dirs, links, _ in _scan(top):
         if dirs is None:
             found.append(directory)
         found.extend(links)
@@ -96,8 +110,8 @@ def watch_roots(root: str) -> Roots:
     children: dict[str, list[str]] = {}
     broken: list[str] = []
     unpollable: set[str] = set()
-    unreadable = links = 0
-    for directory, dirs, symlinks in _scan(root):
+    unreadable = links = bad_links = 0
+    for directory, dirs, symlinks, bad in _scan(root):
         if dirs is None:
             if directory == root:
                 return Roots([root], dirs=[root])  # nothing can be watched; the watcher reports what watchfiles says
@@ -107,7 +121,8 @@ def watch_roots(root: str) -> Roots:
         children[directory] = dirs
         broken.extend(symlinks)
         links += len(symlinks)
-        if any(not _opens(link) for link in symlinks):
+        bad_links += len(bad)
+        if bad or any(not _opens(link) for link in symlinks):
             unpollable.add(directory)
     # For each directory above a breaker, its children on the way to breakers ("chain children").
     chains: dict[str, set[str]] = {}
@@ -130,7 +145,7 @@ def watch_roots(root: str) -> Roots:
     # watchfiles takes paths as str and cannot hand a name that is not UTF-8 to notify (it would raise); such a
     # directory is reported by the planner and covered by full syncs.
     dirs = [d for d in children if d not in unpollable and _utf8(d)]
-    return Roots([root, *sorted(d for d in extra if _utf8(d))], unreadable, links, dirs, sorted(unpollable))
+    return Roots([root, *sorted(d for d in extra if _utf8(d))], unreadable, links, dirs, sorted(unpollable), bad_links)
 
 
 def _utf8(path: str) -> bool:

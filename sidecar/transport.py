@@ -27,6 +27,7 @@ from .rsync import (
     Stats,
     classify,
     deletions_skipped,
+    in_the_way,
     parse_itemized,
     parse_stats,
     receiver_version,
@@ -170,14 +171,15 @@ class Transport:
 
     # ----- full syncs --------------------------------------------------------------------------------
 
-    def count_full(self, scan: Scan, delete: bool) -> Stats:
-        """What a full sync would do (a dry run): entries, creations and, with ``delete``, deletions."""
+    def count_full(self, scan: Scan, delete: bool) -> tuple[Stats, list[str]]:
+        """What a full sync would do (a dry run): entries, creations and, with ``delete``, deletions; and the
+        paths even a deleting run could not place (a directory in their way keeps an excluded path)."""
         run = self._run(self.rsync.full_args(delete, count_only=True), scan.rules())
         if delete and deletions_skipped(run.result.stderr):
             # A directory became unreadable after the scan: rsync counted no deletions. The next attempt's
             # scan keeps it out.
             raise TransferError("partial", "a directory became unreadable during the count; counting again")
-        return run.stats
+        return run.stats, (in_the_way(run.result.stderr) if run.kind == "delete_limit" else [])
 
     def preview_full(self, scan: Scan) -> tuple[Stats, list[str], list[str]]:
         """A dry run of a full sync with deletes: its stats, the files it would send and the paths it would

@@ -105,11 +105,18 @@ def _listing_changes(
     return changes
 
 
-def _is_dir_link(path: str) -> bool:
+def _poll_breaker(path: str) -> bool:
+    """A symlink the poller cannot take: to a directory (walked at every poll), or to nothing it can reach (a
+    loop is an error, a dangling link a "deleted" change, at every poll)."""
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode) and os.path.isdir(path)
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return False
     except OSError:
         return False
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 class _Stop(Exception):
@@ -385,8 +392,9 @@ class Watcher(threading.Thread):
                 )
                 return Lost(Why.FLAT, found[0])
             if polled_gone:
-                # notify would report the missing directory as deleted at every poll: poll without it.
-                return Lost(Why.FLAT, "a polled directory was removed")
+                # notify would report the missing directory, or the link it cannot follow, as deleted at every
+                # poll: poll without it (the link's directory is listed by this thread instead).
+                return Lost(Why.FLAT, "a polled directory was removed, or a symlink the poller cannot take appeared")
             if added and not self.polling:
                 if watch_limit_reached(self.root):
                     return Lost(Why.LIMIT)
@@ -451,12 +459,13 @@ class Watcher(threading.Thread):
             # A new directory that cannot be listed cuts no walk but its own, in which nothing can be watched.
             found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path or self.polling)
         if self.polling:
-            found.extend(p[len(self._prefix) :] for p in added if p not in tops and _is_dir_link(p))
+            found.extend(p[len(self._prefix) :] for p in added if p not in tops and _poll_breaker(p))
         return found
 
     def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str], bool]:
-        """Hand a batch over; returns (the source directory itself was deleted or moved, the paths added, a
-        directory polled on its own is gone)."""
+        """Hand a batch over; returns (the source directory itself was deleted or moved, the paths added, the
+        poll watch must be made again: a directory polled on its own is gone, or a symlink the poller cannot take
+        is reported as deleted at every poll)."""
         seen_at = time.monotonic()
         changes: dict[str, int] = {}
         prefix, cut = self._prefix, len(self._prefix)
@@ -468,7 +477,7 @@ class Watcher(threading.Thread):
                 flag = _FLAGS.get(change, MODIFIED)
                 if flag == ADDED:
                     added.append(path)
-                elif flag == DELETED and path in self._polled:
+                elif flag == DELETED and self.polling and (path in self._polled or _poll_breaker(path)):
                     polled_gone = True
                 changes[rel] = changes.get(rel, 0) | flag
             elif path == self.root and change != Change.modified.value:

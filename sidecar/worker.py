@@ -561,6 +561,8 @@ class Worker(threading.Thread):
             # Overdue files are sent unstamped: rsync's count would then hide a stamped one that vanished.
             whole = run.kind == "ok" and not overdue and sent_whole(plan, run.stats.files)
             blocked = set(in_the_way(run.result.stderr)) if run.kind == "delete_limit" else set()
+            # A listed name that went through is in nobody's way any more (removed on the target meanwhile).
+            self._in_the_way -= set(plan.send) - blocked
             if run.kind == "delete_limit" and (not blocked or not blocked <= self._in_the_way):
                 # A directory on the target is in the way of the file or link that replaced it: removing it
                 # (and everything below) is a delete to count and guard, which the full sync does. Not again
@@ -581,6 +583,7 @@ class Worker(threading.Thread):
         if removals:
             removed, took = self._remove(plan)
             stats, seconds = stats + removed, seconds + took
+            self._in_the_way -= set(plan.delete) | set(plan.retract)  # nothing is to be placed there any more
         if self.holds is not None:
             self.holds = max(0, self.holds + stats.created - stats.deleted)
         paths = len(plan.send) + (len(plan.delete) + len(plan.retract) if removals else 0)
@@ -631,9 +634,11 @@ class Worker(threading.Thread):
         delete = self.settings.delete
         approved = self._take_approval()
         allowed, refused, seconds, holds = 0, "", 0.0, None
+        kept: set[str] = set()  # in the way even of a deleting run: an excluded path below the directory
         if delete:
             # A dry run first: what would the delete remove (everything below a deleted directory counted)?
-            count = self.transport.count_full(scan, delete=True)
+            count, counted_stuck = self.transport.count_full(scan, delete=True)
+            kept = set(counted_stuck)
             # What the target holds now, or what the source holds if that is more (see policy.may_delete).
             holds = max(count.total - count.created + count.deleted, count.total)
             if count.deleted:
@@ -681,8 +686,15 @@ class Worker(threading.Thread):
         if run.kind == "delete_limit" and allowed and over_delete_limit(run.result.stderr):
             with self._cond:
                 self._pending.request_full("more to delete than counted")
-        if stuck and stuck != self._in_the_way:
-            # What is in the way stays, and asking again would only loop: said once, until it changes.
+        # What stays in the way for a lasting cause is remembered, so later writes of those names do not each
+        # cost a full sync: deletes off, deletes refused (until the operator acts), or an excluded path below
+        # it (the deleting count could not place it either). Anything else came into the way after the count:
+        # counted again.
+        lasting = stuck if not delete or refused else stuck & (kept | (stuck if allowed else set()))
+        if stuck - lasting:
+            with self._cond:
+                self._pending.request_full("a directory came into the way during the full sync")
+        if lasting and lasting != self._in_the_way:
             why = (
                 "deletes are off (SYNC_DELETE=false)"
                 if not delete
@@ -693,10 +705,14 @@ class Worker(threading.Thread):
             log.warning(
                 "a directory on the target is in the way of what replaced it in the source and stays: " + why,
                 extra={
-                    "fields": {"target": self.name_label, "paths": ", ".join(sorted(stuck)[:3]), "count": len(stuck)}
+                    "fields": {
+                        "target": self.name_label,
+                        "paths": ", ".join(sorted(lasting)[:3]),
+                        "count": len(lasting),
+                    }
                 },
             )
-        self._in_the_way = stuck
+        self._in_the_way = lasting
         self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
         self._checked_over = self.transport.link.starts
         if guard_ok:

@@ -95,6 +95,20 @@ def test_names_watchfiles_cannot_take_are_no_walks_of_their_own(tmp_path: Path) 
         path.encode("utf-8")
 
 
+def test_links_to_nothing_matter_to_the_poller_only(tmp_path: Path) -> None:
+    # Review finding: polled, a symlink loop was an error at every poll (109 watcher restarts in 5.5 s, changes
+    # dropped) and a dangling link a "deleted" change at every poll (an rsync per poll, forever).
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "a/dangling").symlink_to("nowhere")
+    (tmp_path / "a/loop").symlink_to("loop")
+    found = watch_roots(str(tmp_path))
+    assert found.paths == [str(tmp_path)]  # inotify's walk skips both: one walk, as before
+    assert (found.bad_links, found.breakers) == (2, 2)
+    assert rel(tmp_path, found.unpollable) == ["a"]  # listed by the watcher thread when polled
+    assert sorted(rel(tmp_path, found.dirs)) == [".", "b"]
+
+
 def test_an_unreadable_root_is_left_to_the_watcher(tmp_path: Path, unreadable: set[str]) -> None:
     unreadable.add(str(tmp_path))
     assert watch_roots(str(tmp_path)).paths == [str(tmp_path)]

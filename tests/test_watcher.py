@@ -193,3 +193,33 @@ def test_listing_changes_reads_like_watchfiles() -> None:
         (Change.deleted.value, "/s/c"),
         (Change.added.value, "/s/d"),
     }
+
+
+def test_polling_a_tree_that_gains_a_dangling_link_does_not_churn(tmp_path: Path) -> None:
+    # Review finding: the poller reported a dangling link as deleted at every poll: a batch (an rsync to every
+    # target) per poll, forever. Its directory is listed by the watcher thread instead.
+    (tmp_path / "2026").mkdir()
+    rec = Recorder()
+    w = Watcher(
+        str(tmp_path),
+        quiet_ms=20,
+        max_delay_ms=300,
+        backend="poll",
+        poll_interval_ms=100,
+        on_batch=rec.on_batch,
+        on_lost=rec.lost.append,
+        on_fatal=rec.fatal.append,
+    )
+    w.start()
+    try:
+        assert w.started.wait(5)
+        (tmp_path / "2026/gone").symlink_to("nowhere")
+        wait_until(lambda: w._unpollable == [str(tmp_path / "2026")], 10, "2026 listed by the watcher thread")
+        rec.seen(0.5)  # what the change itself brought
+        assert rec.seen(1.5) == {}, "batches keep coming for a link that does not change"
+        (tmp_path / "2026/a.jpg").write_text("a")
+        wait_until(lambda: "2026/a.jpg" in rec.seen(1), 10, "a change in the listed directory")
+        assert not rec.fatal
+    finally:
+        w.stop()
+        w.join(5)
