@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -44,26 +45,35 @@ class Recorder:
         return out
 
 
-@pytest.fixture
-def watched(tmp_path: Path) -> Iterator[tuple[Path, Recorder, Watcher]]:
+@contextlib.contextmanager
+def watching(root: Path, backend: str = "auto") -> Iterator[tuple[Recorder, Watcher]]:
+    """A started watcher on ``root`` (polls every 100 ms), stopped and joined afterwards."""
     rec = Recorder()
     w = Watcher(
-        str(tmp_path),
+        str(root),
         quiet_ms=20,
         max_delay_ms=300,
-        backend="auto",
+        backend=backend,
         poll_interval_ms=100,
         on_batch=rec.on_batch,
         on_lost=rec.lost.append,
         on_fatal=rec.fatal.append,
     )
     w.start()
-    assert w.started.wait(5)
-    yield tmp_path, rec, w
-    w.stop()
-    rec.block.set()
-    w.join(5)
+    try:
+        assert w.started.wait(5)
+        yield rec, w
+    finally:
+        w.stop()
+        rec.block.set()
+        w.join(5)
     assert not w.is_alive()
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, Recorder, Watcher]]:
+    with watching(tmp_path) as (rec, w):
+        yield tmp_path, rec, w
 
 
 def test_batch_after_quiet_window(watched) -> None:
@@ -156,29 +166,13 @@ def test_polling_a_tree_that_gains_a_link_to_a_directory_polls_directory_by_dire
     source, outside = tmp_path / "src", tmp_path / "elsewhere"
     (source / "2026").mkdir(parents=True)
     (outside / "a/b").mkdir(parents=True)
-    rec = Recorder()
-    w = Watcher(
-        str(source),
-        quiet_ms=20,
-        max_delay_ms=300,
-        backend="poll",
-        poll_interval_ms=100,
-        on_batch=rec.on_batch,
-        on_lost=rec.lost.append,
-        on_fatal=rec.fatal.append,
-    )
-    w.start()
-    try:
-        assert w.started.wait(5)
+    with watching(source, "poll") as (rec, w):
         (source / "elsewhere").symlink_to(outside)
         wait_until(lambda: w._flat, 10, "polling directory by directory")
         assert "polled directory by directory" in rec.lost[0]
         (source / "2026/a.jpg").write_text("a")
         wait_until(lambda: "2026/a.jpg" in rec.seen(1), 10, "a change below, polled on its own")
         assert not rec.fatal
-    finally:
-        w.stop()
-        w.join(5)
 
 
 def test_listing_changes_reads_like_watchfiles() -> None:
@@ -199,20 +193,7 @@ def test_polling_a_tree_that_gains_a_dangling_link_does_not_churn(tmp_path: Path
     # Review finding: the poller reported a dangling link as deleted at every poll: a batch (an rsync to every
     # target) per poll, forever. Its directory is listed by the watcher thread instead.
     (tmp_path / "2026").mkdir()
-    rec = Recorder()
-    w = Watcher(
-        str(tmp_path),
-        quiet_ms=20,
-        max_delay_ms=300,
-        backend="poll",
-        poll_interval_ms=100,
-        on_batch=rec.on_batch,
-        on_lost=rec.lost.append,
-        on_fatal=rec.fatal.append,
-    )
-    w.start()
-    try:
-        assert w.started.wait(5)
+    with watching(tmp_path, "poll") as (rec, w):
         (tmp_path / "2026/gone").symlink_to("nowhere")
         wait_until(lambda: w._unpollable == [str(tmp_path / "2026")], 10, "2026 listed by the watcher thread")
         rec.seen(0.5)  # what the change itself brought
@@ -220,6 +201,3 @@ def test_polling_a_tree_that_gains_a_dangling_link_does_not_churn(tmp_path: Path
         (tmp_path / "2026/a.jpg").write_text("a")
         wait_until(lambda: "2026/a.jpg" in rec.seen(1), 10, "a change in the listed directory")
         assert not rec.fatal
-    finally:
-        w.stop()
-        w.join(5)
