@@ -13,7 +13,9 @@ __all__ = [
     "REPEATS_BEFORE_FULL_SYNC",
     "DeleteLimits",
     "FailureStreak",
+    "InTheWay",
     "Verdict",
+    "lasting_in_the_way",
     "may_delete",
     "unhealthy",
 ]
@@ -132,6 +134,39 @@ class FailureStreak:
 
     def clear(self) -> None:
         self._last, self._count = None, 0
+
+
+@dataclass(frozen=True)
+class InTheWay:
+    """What a full sync could not place: ``lasting`` stays in the way for ``why`` (later writes of those names ask
+    for no further full sync); ``recount`` came into the way after the count (one more full sync counts it)."""
+
+    lasting: frozenset[str]
+    recount: frozenset[str]
+    why: str
+
+
+def lasting_in_the_way(stuck: set[str], kept: set[str], delete: bool, refused: bool, deleted: bool) -> InTheWay:
+    """Sort the paths a full sync could not place (a directory on the target in their way).
+
+    ``stuck``: what the run reported; ``kept``: what its deleting dry run reported too (an excluded path below
+    the directory, never deleted); ``delete``: ``SYNC_DELETE``; ``refused``: the guard refused this sync's
+    deletes; ``deleted``: the run had ``--delete`` (it was allowed to delete what it counted).
+
+    Example:
+        >>> lasting_in_the_way({"a"}, set(), delete=True, refused=False, deleted=False).recount
+        frozenset({'a'})
+    """
+    if not delete:
+        return InTheWay(frozenset(stuck), frozenset(), "deletes are off (SYNC_DELETE=false)")
+    if refused:
+        return InTheWay(frozenset(stuck), frozenset(), "the delete guard refused this sync's deletes")
+    lasting = stuck if deleted else stuck & kept
+    return InTheWay(
+        frozenset(lasting),
+        frozenset(stuck - lasting),
+        "the target keeps something below it that is never deleted (an excluded path)",
+    )
 
 
 def unhealthy(state: str, failing_for_s: float, after_s: int) -> str:

@@ -79,13 +79,11 @@ class Receiver:
 
 @dataclass(frozen=True)
 class Run:
-    """A run that ended well enough: its result, stats and outcome kind (ok, vanished, skipped, delete_limit),
-    and the outcome's one-line message (what rsync said, for the log)."""
+    """A run that ended well enough: its result, stats and outcome kind (ok, vanished, skipped, delete_limit)."""
 
     result: Result
     stats: Stats
     kind: str
-    message: str = ""
 
 
 class Transport:
@@ -229,4 +227,4 @@ class Transport:
             self.on_skipped(
                 [(p[len(prefix) :] if p.startswith(prefix) else p, why) for p, why in skipped_paths(result.stderr)]
             )
-        return Run(result, parse_stats(result.stdout), outcome.kind, outcome.message)
+        return Run(result, parse_stats(result.stdout), outcome.kind)

@@ -25,7 +25,7 @@ from .guard import RECENT_S, GuardError, SourceGuard
 from .hooks import Changes, Hooks
 from .metrics import Metrics
 from .plan import Plan, SharedPlans, parents, sent_whole, unchanged
-from .policy import DeleteLimits, FailureStreak, may_delete, unhealthy
+from .policy import DeleteLimits, FailureStreak, lasting_in_the_way, may_delete, unhealthy
 from .progress import FullSyncOutput, FullSyncProgress, matched_bytes, parse_item
 from .rsync import Stats, in_the_way, over_delete_limit
 from .scan import SharedScan
@@ -687,32 +687,23 @@ class Worker(threading.Thread):
             with self._cond:
                 self._pending.request_full("more to delete than counted")
         # What stays in the way for a lasting cause is remembered, so later writes of those names do not each
-        # cost a full sync: deletes off, deletes refused (until the operator acts), or an excluded path below
-        # it (the deleting count could not place it either). Anything else came into the way after the count:
-        # counted again.
-        lasting = stuck if not delete or refused else stuck & (kept | (stuck if allowed else set()))
-        if stuck - lasting:
+        # cost a full sync; what came into the way after the count is counted again (see policy).
+        way = lasting_in_the_way(stuck, kept, delete, bool(refused), allowed > 0)
+        if way.recount:
             with self._cond:
                 self._pending.request_full("a directory came into the way during the full sync")
-        if lasting and lasting != self._in_the_way:
-            why = (
-                "deletes are off (SYNC_DELETE=false)"
-                if not delete
-                else "the delete guard refused this sync's deletes"
-                if refused
-                else "the target keeps something below it that is never deleted (an excluded path)"
-            )
+        if way.lasting and way.lasting != self._in_the_way:
             log.warning(
-                "a directory on the target is in the way of what replaced it in the source and stays: " + why,
+                "a directory on the target is in the way of what replaced it in the source and stays: " + way.why,
                 extra={
                     "fields": {
                         "target": self.name_label,
-                        "paths": ", ".join(sorted(lasting)[:3]),
-                        "count": len(lasting),
+                        "paths": ", ".join(sorted(way.lasting)[:3]),
+                        "count": len(way.lasting),
                     }
                 },
             )
-        self._in_the_way = lasting
+        self._in_the_way = set(way.lasting)
         self.holds = run.stats.total if guard_ok else holds  # after a full sync the target is the source
         self._checked_over = self.transport.link.starts
         if guard_ok:

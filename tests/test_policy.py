@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.policy import DELETE_FLOOR, DeleteLimits, FailureStreak, may_delete, unhealthy
+from sidecar.policy import DELETE_FLOOR, DeleteLimits, FailureStreak, lasting_in_the_way, may_delete, unhealthy
 
 LIMITS = DeleteLimits(max_delete=1000, max_percent=10)
 
@@ -65,3 +65,31 @@ def test_failure_streak_asks_for_a_full_sync_after_identical_failures() -> None:
 )
 def test_unhealthy(state: str, failing_for: float, after: int, unhealthy_: bool) -> None:
     assert bool(unhealthy(state, failing_for, after)) is unhealthy_
+
+
+@pytest.mark.parametrize(
+    ("stuck", "kept", "delete", "refused", "deleted", "lasting", "recount", "why"),
+    [
+        ({"x"}, set(), False, False, False, {"x"}, set(), "SYNC_DELETE=false"),  # deletes off: stays
+        ({"x"}, set(), True, True, False, {"x"}, set(), "guard refused"),  # until the operator acts
+        ({"x"}, set(), True, False, True, {"x"}, set(), "excluded path"),  # a deleting run could not clear it
+        ({"x"}, {"x"}, True, False, False, {"x"}, set(), "excluded path"),  # nor could the deleting count
+        # The count found nothing to delete and the run had no --delete: x came into the way after the count.
+        ({"x"}, set(), True, False, False, set(), {"x"}, ""),
+        ({"x", "y"}, {"y"}, True, False, False, {"y"}, {"x"}, "excluded path"),
+        (set(), set(), True, False, True, set(), set(), ""),
+    ],
+)
+def test_what_stays_in_the_way(
+    stuck: set[str],
+    kept: set[str],
+    delete: bool,
+    refused: bool,
+    deleted: bool,
+    lasting: set[str],
+    recount: set[str],
+    why: str,
+) -> None:
+    way = lasting_in_the_way(stuck, kept, delete, refused, deleted)
+    assert (set(way.lasting), set(way.recount)) == (lasting, recount)
+    assert why in way.why
