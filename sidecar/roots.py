@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Roots", "breakers", "watch_roots"]
+__all__ = ["Roots", "breakers", "poll_breaker", "watch_roots"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class Roots:
     unreadable: int = 0
     links: int = 0
     dirs: list[str] = field(default_factory=list)
-    # Directories holding a symlink to a directory that cannot be opened: the poller fails on them every poll
-    # (walkdir opens a followed link's target to detect loops), so they are left out of ``dirs``.
+    # Directories holding a symlink the poller fails on at every poll (to a directory that cannot be opened:
+    # walkdir opens a followed link's target to detect loops; or to nothing it can reach): left out of ``dirs``
+    # and listed by the watcher thread instead.
     unpollable: list[str] = field(default_factory=list)
     bad_links: int = 0
 
@@ -76,18 +77,40 @@ def _scan(top: str) -> Iterator[tuple[str, list[str] | None, list[str], list[str
                             continue
                     except OSError:
                         continue  # gone meanwhile
-                    try:
-                        target = os.stat(entry.path)  # follows the link: notify does too
-                    except OSError:
-                        bad.append(entry.path)
-                        continue
-                    if stat.S_ISDIR(target.st_mode):
+                    kind = _link_target(entry.path)
+                    if kind == _DIR:
                         links.append(entry.path)
+                    elif kind == _UNREACHABLE:
+                        bad.append(entry.path)
         except OSError:
             yield directory, None, [], []
             continue
         yield directory, dirs, links, bad
         stack.extend(dirs)
+
+
+_DIR, _UNREACHABLE, _OTHER = "dir", "unreachable", "other"
+
+
+def _link_target(path: str) -> str:
+    """What a symlink leads to, followed as notify follows it: a directory, nothing it can reach (dangling, a
+    loop, a place that cannot be searched), or something else."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return _UNREACHABLE
+    return _DIR if stat.S_ISDIR(target.st_mode) else _OTHER
+
+
+def poll_breaker(path: str) -> bool:
+    """Is ``path`` a symlink the poller cannot take: to a directory (walked at every poll), or to nothing it can
+    reach (a loop is an error, a dangling link a "deleted" change, at every poll)?"""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    return _link_target(path) != _OTHER
 
 
 def breakers(top: str) -> list[str]:

@@ -48,7 +48,7 @@ from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
 
 from . import logs
 from .batch import ADDED, DELETED, MODIFIED
-from .roots import breakers, watch_roots
+from .roots import breakers, poll_breaker, watch_roots
 
 __all__ = ["Lost", "Watcher", "overflow_threshold", "watch_limit_reached"]
 
@@ -103,20 +103,6 @@ def _listing_changes(
     changes |= {(Change.deleted.value, p) for p in before.keys() - after.keys()}
     changes |= {(Change.modified.value, p) for p, v in after.items() if p in before and before[p] != v}
     return changes
-
-
-def _poll_breaker(path: str) -> bool:
-    """A symlink the poller cannot take: to a directory (walked at every poll), or to nothing it can reach (a
-    loop is an error, a dangling link a "deleted" change, at every poll)."""
-    try:
-        if not stat.S_ISLNK(os.lstat(path).st_mode):
-            return False
-    except OSError:
-        return False
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return True
 
 
 class _Stop(Exception):
@@ -459,7 +445,7 @@ class Watcher(threading.Thread):
             # A new directory that cannot be listed cuts no walk but its own, in which nothing can be watched.
             found.extend(p[len(self._prefix) :] for p in breakers(path) if p != path or self.polling)
         if self.polling:
-            found.extend(p[len(self._prefix) :] for p in added if p not in tops and _poll_breaker(p))
+            found.extend(p[len(self._prefix) :] for p in added if p not in tops and poll_breaker(p))
         return found
 
     def _dispatch(self, raw: set[tuple[int, str]]) -> tuple[bool, list[str], bool]:
@@ -477,7 +463,7 @@ class Watcher(threading.Thread):
                 flag = _FLAGS.get(change, MODIFIED)
                 if flag == ADDED:
                     added.append(path)
-                elif flag == DELETED and self.polling and (path in self._polled or _poll_breaker(path)):
+                elif flag == DELETED and self.polling and (path in self._polled or poll_breaker(path)):
                     polled_gone = True
                 changes[rel] = changes.get(rel, 0) | flag
             elif path == self.root and change != Change.modified.value:
